@@ -1,0 +1,227 @@
+"""Analytic derivatives of the activations transformers uses in its MLPs.
+
+Every supported activation class maps to an :class:`ActivationSpec`: the value f, the first derivative f'
+and the second derivative f'', each written as a function of the one tensor the penalty keeps for
+backward. For GELU and SiLU that is the pre-activation z, which PyTorch already saves for the
+activation's own backward; for ReLU and tanh it is the output a = f(z), which is what PyTorch saves
+for them. Keeping the same tensor the model keeps is what makes the penalty free in memory.
+
+The table is keyed on classes, never on config strings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import activations as hf_act
+
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """f, f' and f'' of one activation, as functions of the tensor saved for backward.
+
+    ``saved`` is ``"input"`` (the functions take z) or ``"output"`` (they take a = f(z)).
+    ``family`` groups activations for the ``activations=`` choice ("gelu" or the name itself).
+    """
+
+    name: str
+    family: str
+    saved: str
+    value: Callable[[Tensor], Tensor]
+    first: Callable[[Tensor], Tensor]
+    second: Callable[[Tensor], Tensor]
+
+
+def _gelu_exact() -> ActivationSpec:
+    def cdf(z):
+        return 0.5 * (1.0 + torch.erf(z * _INV_SQRT_2))
+
+    def pdf(z):
+        return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+    return ActivationSpec(
+        name="gelu",
+        family="gelu",
+        saved="input",
+        value=lambda z: z * cdf(z),
+        first=lambda z: cdf(z) + z * pdf(z),
+        second=lambda z: pdf(z) * (2.0 - z * z),
+    )
+
+
+def _gelu_tanh(k: float = _SQRT_2_OVER_PI) -> ActivationSpec:
+    """0.5 z (1 + tanh(k (z + c z^3))): NewGELU, FastGELU, AccurateGELU, GELUTanh, nn.GELU('tanh')."""
+    c = _GELU_CUBIC
+
+    def inner(z):
+        return k * (z + c * z * z * z)
+
+    def first(z):
+        t = torch.tanh(inner(z))
+        du = k * (1.0 + 3.0 * c * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+
+    def second(z):
+        t = torch.tanh(inner(z))
+        sech2 = 1.0 - t * t
+        du = k * (1.0 + 3.0 * c * z * z)
+        ddu = 6.0 * k * c * z
+        return sech2 * du + 0.5 * z * (sech2 * ddu - 2.0 * t * sech2 * du * du)
+
+    return ActivationSpec(
+        name="gelu_tanh",
+        family="gelu",
+        saved="input",
+        value=lambda z: 0.5 * z * (1.0 + torch.tanh(inner(z))),
+        first=first,
+        second=second,
+    )
+
+
+def _sigmoid_linear(alpha: float, name: str, family: str) -> ActivationSpec:
+    """z * sigmoid(alpha z): SiLU (alpha = 1) and QuickGELU (alpha = 1.702)."""
+
+    def first(z):
+        s = torch.sigmoid(alpha * z)
+        return s + alpha * z * s * (1.0 - s)
+
+    def second(z):
+        s = torch.sigmoid(alpha * z)
+        return alpha * s * (1.0 - s) * (2.0 + alpha * z * (1.0 - 2.0 * s))
+
+    return ActivationSpec(
+        name=name, family=family, saved="input", value=lambda z: z * torch.sigmoid(alpha * z), first=first, second=second
+    )
+
+
+def _clipped_gelu(low: float, high: float) -> ActivationSpec:
+    """clip(gelu(z), low, high): f' and f'' are GELU's where the clip is inactive, 0 elsewhere."""
+    base = _gelu_exact()
+
+    def inside(z):
+        a = base.value(z)
+        return ((a > low) & (a < high)).to(z.dtype)
+
+    return ActivationSpec(
+        name="gelu_clipped",
+        family="gelu",
+        saved="input",
+        value=lambda z: torch.clamp(base.value(z), low, high),
+        first=lambda z: base.first(z) * inside(z),
+        second=lambda z: base.second(z) * inside(z),
+    )
+
+
+_RELU = ActivationSpec(
+    name="relu",
+    family="relu",
+    saved="output",
+    value=lambda a: a,
+    first=lambda a: (a > 0).to(a.dtype),
+    second=lambda a: torch.zeros_like(a),
+)
+
+_TANH = ActivationSpec(
+    name="tanh",
+    family="tanh",
+    saved="output",
+    value=lambda a: a,
+    first=lambda a: 1.0 - a * a,
+    second=lambda a: -2.0 * a * (1.0 - a * a),
+)
+
+_GELU = _gelu_exact()
+_GELU_TANH = _gelu_tanh()
+_SILU = _sigmoid_linear(1.0, "silu", "silu")
+_QUICK_GELU = _sigmoid_linear(1.702, "quick_gelu", "gelu")
+
+
+def _nn_gelu(module: nn.GELU) -> ActivationSpec:
+    return _GELU_TANH if module.approximate == "tanh" else _GELU
+
+
+def _hf_gelu_tanh(module) -> ActivationSpec:
+    return _GELU_TANH
+
+
+# activation class -> spec, or a function of the module instance returning the spec
+DERIVATIVES: dict[type, ActivationSpec | Callable[[nn.Module], ActivationSpec]] = {
+    hf_act.GELUActivation: _GELU,
+    nn.GELU: _nn_gelu,
+    hf_act.NewGELUActivation: _GELU_TANH,
+    hf_act.AccurateGELUActivation: _GELU_TANH,
+    hf_act.GELUTanh: _hf_gelu_tanh,
+    hf_act.FastGELUActivation: _gelu_tanh(0.7978845608),
+    hf_act.QuickGELUActivation: _QUICK_GELU,
+    hf_act.ClippedGELUActivation: lambda m: _clipped_gelu(m.min, m.max),
+    hf_act.SiLUActivation: _SILU,
+    nn.SiLU: _SILU,
+    nn.ReLU: _RELU,
+    nn.Tanh: _TANH,
+}
+
+FAMILIES = ("gelu", "silu", "relu", "tanh")
+
+
+def spec_for(module: nn.Module) -> ActivationSpec:
+    """The derivative spec of an activation module; a clear error for a class with none."""
+    for cls in type(module).__mro__:
+        if cls in DERIVATIVES:
+            entry = DERIVATIVES[cls]
+            return entry if isinstance(entry, ActivationSpec) else entry(module)
+    raise UnsupportedActivationError(
+        f"hf_dreg has no analytic derivative for the activation class {type(module).__name__!r}. "
+        f"Supported classes: {', '.join(sorted(c.__name__ for c in DERIVATIVES))}. "
+        "Exclude the module (exclude_modules=...) or choose activations that the model's MLPs use."
+    )
+
+
+def is_supported(module: nn.Module) -> bool:
+    return any(cls in DERIVATIVES for cls in type(module).__mro__)
+
+
+def is_activation_module(module: nn.Module) -> bool:
+    """Whether a module is an activation (supported or not): torch's activation classes and transformers'."""
+    if is_supported(module):
+        return True
+    mod = type(module).__module__
+    return mod in ("torch.nn.modules.activation", "transformers.activations") and not isinstance(
+        module, (nn.MultiheadAttention, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin)
+    )
+
+
+class UnsupportedActivationError(ValueError):
+    """An activation class that hf_dreg has no analytic derivative for."""
+
+
+def resolve_families(activations) -> frozenset[str] | None:
+    """Normalise the ``activations=`` choice: "gelu", "all", a family name, or a list of them.
+
+    Returns the set of families, or None for "all".
+    """
+    if activations is None or activations == "all":
+        return None
+    names = [activations] if isinstance(activations, str) else list(activations)
+    out = set()
+    for name in names:
+        key = name.lower() if isinstance(name, str) else name
+        if key == "all":
+            return None
+        if key == "swish":
+            key = "silu"
+        if key not in FAMILIES:
+            raise ValueError(
+                f"Unknown activation choice {name!r}: use 'gelu' (the GELU family, default), 'all', "
+                f"or any of {', '.join(FAMILIES)}."
+            )
+        out.add(key)
+    return frozenset(out)

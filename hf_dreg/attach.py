@@ -1,0 +1,201 @@
+"""Attach DREG to a model with forward hooks, read the penalty, detach.
+
+Hooks only: nothing is added to the state dict and no module is replaced, so a checkpoint saved
+while attached is a vanilla transformers checkpoint and ``detach()`` restores the model exactly.
+
+Each feeding layer's hook reads its weight rows inside its own forward (where FSDP/ZeRO-3 have
+materialised them); each activation's hook computes the per-position penalty of its site with the
+custom autograd Functions of :mod:`hf_dreg.penalty`. A forward pre-hook on the model resets the
+record and remembers the attention masks it was called with.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .activations import spec_for
+from .layers import weight_rows
+from .penalty import gated_site_penalty, plain_site_penalty, row_dots, row_stats
+from .sites import FUSED_GATED, PLAIN, Site, find_sites
+
+_MASK_KEYS = ("attention_mask", "decoder_attention_mask")
+
+
+class _Pieces:
+    """What one site has collected so far in the current forward pass."""
+
+    __slots__ = ("g", "a", "u", "w_gate", "w_up")
+
+    def __init__(self):
+        self.g = self.a = self.u = self.w_gate = self.w_up = None
+
+
+def _chunk(t: Tensor, chunk) -> Tensor:
+    return t if chunk is None else t.chunk(chunk[1], dim=-1)[chunk[0]]
+
+
+def _weight_chunk(w: Tensor, chunk) -> Tensor:
+    return w if chunk is None else w.chunk(chunk[1], dim=0)[chunk[0]]
+
+
+class DREGHandle:
+    """The attached penalty: ``penalty()`` after a forward, ``per_site()``, ``detach()``."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], fused: bool = False):
+        self.model = model
+        self.sites = sites
+        self.fused = fused
+        self._records: dict[str, Tensor] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._recording = True
+        self._last: dict[str, Tensor] = {}
+        self._pieces = {site.name: _Pieces() for site in sites}
+        self._hooks = []
+        modules = dict(model.named_modules())
+        self._specs = {site.name: spec_for(modules[site.name]) for site in sites}
+        roles: dict[str, list] = {}
+        for site in sites:
+            roles.setdefault(site.gate, []).append((site, "gate"))
+            if site.kind != PLAIN:
+                roles.setdefault(site.up, []).append((site, "up"))
+            self._hooks.append(modules[site.name].register_forward_hook(self._activation_hook(site)))
+        for path, entries in roles.items():
+            self._hooks.append(modules[path].register_forward_hook(self._layer_hook(entries)))
+        self._hooks.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def _on_model_call(self, module, args, kwargs):
+        self._records = {}
+        self._recording = True
+        self._masks = {k: kwargs[k] for k in _MASK_KEYS if isinstance(kwargs.get(k), Tensor)}
+
+    def _layer_hook(self, entries):
+        def hook(module, args, output):
+            w = weight_rows(module)
+            for site, role in entries:
+                pieces = self._pieces[site.name]
+                if role == "gate":
+                    pieces.w_gate = _weight_chunk(w, site.gate_chunk)
+                else:
+                    pieces.w_up = _weight_chunk(w, site.up_chunk)
+                    pieces.u = _chunk(output, site.up_chunk)
+                self._maybe_fire(site)
+
+        return hook
+
+    def _activation_hook(self, site: Site):
+        def hook(module, args, output):
+            pieces = self._pieces[site.name]
+            pieces.g, pieces.a = args[0], output
+            self._maybe_fire(site)
+
+        return hook
+
+    def _maybe_fire(self, site: Site) -> None:
+        pieces = self._pieces[site.name]
+        if pieces.g is None or pieces.w_gate is None:
+            return
+        spec = self._specs[site.name]
+        if site.kind == PLAIN:
+            p = plain_site_penalty(pieces.g, pieces.a, row_stats(pieces.w_gate), spec, self.fused)
+        else:
+            if pieces.u is None:
+                return
+            rg, ru, c = row_stats(pieces.w_gate), row_stats(pieces.w_up), row_dots(pieces.w_gate, pieces.w_up)
+            p = gated_site_penalty(pieces.g, pieces.a, pieces.u, rg, ru, c, spec, self.fused)
+        self._pieces[site.name] = _Pieces()
+        if self._recording:  # off while gradient checkpointing recomputes a layer in backward
+            self._records[site.name] = p
+
+    # ---- reading the penalty --------------------------------------------------------------------
+
+    def site_sums(self, attention_mask: Tensor | None = None) -> list[tuple[Site, Tensor, Tensor]]:
+        """(site, sum of p over valid positions, number of valid positions) for the last forward."""
+        masks = dict(self._masks)
+        if attention_mask is not None:
+            masks["attention_mask"] = attention_mask
+        out = []
+        for site in self.sites:
+            p = self._records.get(site.name)
+            if p is None:
+                continue
+            mask = masks.get(site.mask_key) if site.mask_key else None
+            if mask is not None and tuple(mask.shape) == tuple(p.shape):
+                weights = mask.to(p.dtype)
+                out.append((site, (p * weights).sum(), weights.sum()))
+            else:
+                out.append((site, p.sum(), torch.tensor(float(p.numel()), dtype=p.dtype, device=p.device)))
+        return out
+
+    def penalty(self, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean over sites of the per-site DREG value (lambda not applied) for the last forward.
+
+        Padding positions are excluded with ``attention_mask`` (by default the mask the model was
+        called with). Stops recording, so that layers recomputed by gradient checkpointing during
+        backward are not counted twice; the next forward of the model starts a new record.
+        """
+        sums = self.site_sums(attention_mask)
+        if not sums:
+            raise RuntimeError(
+                "No DREG value recorded: call the model (forward) after attach() and before penalty(), "
+                "and check that the attached sites run in that forward."
+            )
+        self._recording = False
+        values = [s / n.clamp_min(1) for _, s, n in sums]
+        self._last = {site.name: v.detach() for (site, _, _), v in zip(sums, values)}
+        total = torch.stack(values).mean()
+        check_finite(total, self._last)
+        return total
+
+    def per_site(self) -> dict[str, float]:
+        """Site name -> DREG value of the last ``penalty()`` (computed now if it was not called)."""
+        if not self._last and self._records:
+            self.penalty()
+        return {name: float(v) for name, v in self._last.items()}
+
+    def detach(self) -> None:
+        """Remove every hook: the model is exactly as it was before attach()."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._records = {}
+        self._masks = {}
+        self._last = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def __repr__(self) -> str:
+        kinds = {}
+        for site in self.sites:
+            kinds[site.kind] = kinds.get(site.kind, 0) + 1
+        return f"DREGHandle({len(self.sites)} sites: {kinds})"
+
+
+def check_finite(total: Tensor, per_site: dict[str, Tensor]) -> None:
+    if bool(torch.isfinite(total)):
+        return
+    bad = [name for name, v in per_site.items() if not math.isfinite(float(v))]
+    raise FloatingPointError(
+        f"The DREG penalty is not finite at site(s) {bad}: the activations or weights there overflowed "
+        "(NaN/inf). Lower the learning rate or dreg_lambda, or use bf16 instead of fp16."
+    )
+
+
+def attach(model: nn.Module, activations="gelu", exclude_modules=None, fused: bool = False, inputs=None) -> DREGHandle:
+    """Find the model's MLP activation sites and attach the DREG penalty to them.
+
+    Returns a :class:`DREGHandle`. ``fused=True`` compiles the elementwise math into one kernel per
+    pass (torch.compile), which is what makes DREG nearly free on CPU; it falls back to eager math
+    with a warning where compilation is unavailable.
+    """
+    sites = find_sites(model, activations=activations, exclude_modules=exclude_modules, inputs=inputs)
+    return DREGHandle(model, sites, fused=fused)
