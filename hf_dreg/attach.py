@@ -115,7 +115,12 @@ class DREGHandle:
     # ---- reading the penalty --------------------------------------------------------------------
 
     def site_sums(self, attention_mask: Tensor | None = None) -> list[tuple[Site, Tensor, Tensor]]:
-        """(site, sum of p over valid positions, number of valid positions) for the last forward."""
+        """(site, sum of p over valid positions, number of valid positions) for the last forward.
+
+        Stops recording, so that layers recomputed by gradient checkpointing during backward are
+        not counted twice; the next forward of the model starts a new record.
+        """
+        self._recording = False
         masks = dict(self._masks)
         if attention_mask is not None:
             masks["attention_mask"] = attention_mask
@@ -136,8 +141,7 @@ class DREGHandle:
         """Mean over sites of the per-site DREG value (lambda not applied) for the last forward.
 
         Padding positions are excluded with ``attention_mask`` (by default the mask the model was
-        called with). Stops recording, so that layers recomputed by gradient checkpointing during
-        backward are not counted twice; the next forward of the model starts a new record.
+        called with).
         """
         sums = self.site_sums(attention_mask)
         if not sums:
@@ -145,7 +149,6 @@ class DREGHandle:
                 "No DREG value recorded: call the model (forward) after attach() and before penalty(), "
                 "and check that the attached sites run in that forward."
             )
-        self._recording = False
         values = [s / n.clamp_min(1) for _, s, n in sums]
         self._last = {site.name: v.detach() for (site, _, _), v in zip(sums, values)}
         total = torch.stack(values).mean()
