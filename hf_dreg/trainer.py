@@ -1,7 +1,8 @@
-"""DREGTrainer: the transformers Trainer with ``lambda * DREG`` added to the task loss.
+"""DREGTrainer: the transformers Trainer with ``reg_lambda * penalty`` added to the task loss.
 
-The penalty is normalised over the whole optimizer step: the valid positions of every micro-batch
-of a gradient-accumulation step, on every process, are counted before the step (like the Trainer's
+The penalty comes from the regularizer chosen by ``args.regularizer`` (DREG by default). DREG is
+normalised over the whole optimizer step: the valid positions of every micro-batch of a
+gradient-accumulation step, on every process, are counted before the step (like the Trainer's
 ``num_items_in_batch``), so 2 x 4 accumulation and 2 processes give the gradients of one batch of 8.
 The model's own loss keeps the Trainer's convention (``model_accepts_loss_kwargs = False``: a
 per-batch mean divided by the accumulation steps), which is also what makes a model that accepts
@@ -20,7 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .args import DREGTrainingArguments
-from .attach import _MASK_KEYS, attach, check_finite
+from .attach import _MASK_KEYS
+from .regularizers import DREG, StepInfo, build_regularizer
 
 logger = logging.get_logger(__name__)
 
@@ -28,7 +30,7 @@ DREG_CONFIG_NAME = "dreg_config.json"
 
 
 class _SaveDREGConfig(TrainerCallback):
-    """Writes the DREG settings beside every checkpoint, so a resumed run can check it matches."""
+    """Writes the regularizer settings beside every checkpoint, so a resumed run can check they match."""
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -39,7 +41,12 @@ class _SaveDREGConfig(TrainerCallback):
 
 
 class DREGTrainer(Trainer):
-    """A Trainer that adds ``args.dreg_lambda * DREG`` to the loss and logs ``dreg`` and ``task_loss``."""
+    """A Trainer that adds ``args.reg_lambda * penalty`` to the loss and logs the penalty and ``task_loss``.
+
+    The penalty is logged under the regularizer's name (``dreg``, ``spectral_norm``, ``igpen``,
+    ``jacobian``; ``weight_decay`` logs the squared norm of the decayed weights); evaluation logs
+    ``eval_<name>`` while ``eval_loss`` stays the task loss.
+    """
 
     def __init__(self, model=None, args: DREGTrainingArguments | None = None, *positional, **kwargs):
         if args is None:
@@ -52,60 +59,43 @@ class DREGTrainer(Trainer):
         super().__init__(model, args, *positional, **kwargs)
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._dreg_counts: dict[str, torch.Tensor] = {}
-        self.dreg = None
-        if args.dreg_lambda > 0:
-            self.dreg = attach(
-                self.model,
-                activations=args.dreg_activation_list,
-                exclude_modules=args.dreg_exclude_modules,
-                fused=args.dreg_fused,
-            )
-            logger.info(f"DREG attached (lambda={args.dreg_lambda:.4g}): {self.dreg}")
+        self._positions: dict[str, torch.Tensor] = {}
+        self.regularizer = build_regularizer(self.model, args)
         self.add_callback(_SaveDREGConfig())
+
+    @property
+    def dreg(self):
+        """The attached DREG handle (sites, per_site values), or None when DREG is not the regularizer."""
+        return self.regularizer.handle if isinstance(self.regularizer, DREG) else None
 
     # ---- the loss -------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.dreg is not None:
-            sums = self.dreg.site_sums()
-            local = torch.stack([s / n.clamp_min(1) for _, s, n in sums])
-            mode = "train" if model.training else "eval"
-            self._metrics[mode]["dreg"].append(local.mean().detach())
-            if self.args.dreg_log_per_site:
-                for (site, _, _), value in zip(sums, local):
-                    self._metrics[mode][f"dreg/{site.name}"].append(value.detach())
-            if model.training and torch.is_grad_enabled():
-                penalty = self._step_normalised(sums)
-                check_finite(penalty, {site.name: v for (site, _, _), v in zip(sums, local)})
-                self._metrics["train"]["task_loss"].append(loss.detach())
-                loss = loss + self.args.dreg_lambda * penalty
+        def task_loss(model, inputs):
+            return super(DREGTrainer, self).compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+
+        steps = self.current_gradient_accumulation_steps if model.training else 1
+        step = StepInfo(steps, self.accelerator.num_processes, self._positions, self.state.global_step)
+        loss, outputs, penalty = self.regularizer.compute(model, inputs, task_loss, step)
+        mode = "train" if model.training else "eval"
+        if penalty.value is not None:
+            self._metrics[mode][self.regularizer.name].append(penalty.value)
+        for key, value in penalty.extra.items():
+            self._metrics[mode][key].append(value)
+        if penalty.term is not None:
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = self.compute_loss_func is not None
+            term = penalty.term / steps if scaled else penalty.term
+            self._metrics["train"]["task_loss"].append(loss.detach())
+            loss = loss + self.args.reg_lambda * term
         return (loss, outputs) if return_outputs else loss
-
-    def _step_normalised(self, sums) -> torch.Tensor:
-        """This micro-batch's share of the step's DREG, in the convention the Trainer scales the loss by.
-
-        Sites whose mask was counted for the whole step are divided by the step's count of valid
-        positions, times the accumulation steps and processes that the Trainer and DDP divide by
-        again; others (no mask: every position valid) use their local mean, as the task loss does.
-        """
-        steps = self.current_gradient_accumulation_steps
-        processes = self.accelerator.num_processes
-        terms = []
-        for site, total, count in sums:
-            step_count = self._dreg_counts.get(site.mask_key) if site.mask_key else None
-            if step_count is None:
-                terms.append(total / count.clamp_min(1))
-            else:
-                terms.append(total * (steps * processes) / step_count.clamp_min(1))
-        penalty = torch.stack(terms).mean()
-        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else self.compute_loss_func is not None
-        return penalty / steps if scaled else penalty
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._dreg_counts = self._count_positions(batch_samples, device) if self.dreg is not None else {}
+        self._positions = self._count_positions(batch_samples, device) if self.dreg is not None else {}
         return batch_samples, num_items_in_batch
 
     def _count_positions(self, batch_samples, device) -> dict[str, torch.Tensor]:
@@ -131,7 +121,7 @@ class DREGTrainer(Trainer):
             mode = "eval" if prefix is not None else None
         if mode is not None and self._metrics[mode]:
             for key, values in self._metrics[mode].items():
-                value = torch.stack(values).float().mean()
+                value = torch.stack([v.float() for v in values]).mean()
                 if self.accelerator.num_processes > 1:
                     value = self.accelerator.reduce(value.to(self.args.device), reduction="mean")
                 logs[prefix + key] = round(value.item(), 8)
@@ -157,6 +147,6 @@ class DREGTrainer(Trainer):
         current = self.args.dreg_config_dict()
         if saved != current:
             logger.warning(
-                f"Resuming from {checkpoint} with DREG settings {current}, but it was trained with {saved}. "
-                "Pass the same --dreg_* flags to continue the same run."
+                f"Resuming from {checkpoint} with regularizer settings {current}, but it was trained with {saved}. "
+                "Pass the same --regularizer/--reg_lambda/--dreg_* flags to continue the same run."
             )

@@ -1,0 +1,33 @@
+"""IGPen: the input-gradient penalty, mean over examples of ||d task_loss_b / d x_b||^2.
+
+x is the token embeddings for text and the pixel values for images. The gradient is taken with
+``create_graph=True`` so that the penalty can be trained (double backward): this costs about two
+extra backward passes, and needs an attention implementation with double backward (eager).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.utils import logging
+
+from .base import Penalty, Regularizer, batch_mean_of_squares, model_inputs_with_grad, needs_double_backward
+
+logger = logging.get_logger(__name__)
+
+
+class InputGradient(Regularizer):
+    name = "igpen"
+
+    def __init__(self, model, args):
+        needs_double_backward(model, self.name, logger)
+
+    def compute(self, model, inputs, task_loss, step):
+        if not (model.training and torch.is_grad_enabled()):
+            loss, outputs = task_loss(model, inputs)
+            return loss, outputs, Penalty()
+        inputs, x = model_inputs_with_grad(model, inputs)
+        loss, outputs = task_loss(model, inputs)
+        # the task loss is a batch mean: scale by the batch size to get each example's own gradient
+        (grad,) = torch.autograd.grad(loss * x.shape[0], x, create_graph=True)
+        value = batch_mean_of_squares(grad)
+        return loss, outputs, Penalty(term=value, value=value.detach())
