@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .args import DREGTrainingArguments
 from .attach import _MASK_KEYS
+from .model_card import dreg_card_section
 from .regularizers import DREG, StepInfo, build_regularizer
 
 logger = logging.get_logger(__name__)
@@ -127,6 +128,16 @@ class DREGTrainer(Trainer):
                 logs[prefix + key] = round(value.item(), 8)
             self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    # ---- model card ------------------------------------------------------------------------------
+
+    def create_model_card(self, *args, tags=None, **kwargs):
+        """The Trainer's model card plus the regularizer, its strength, the DREG sites, the data regime and results."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(*args, tags=tags + ["hf_dreg", self.args.regularizer], **kwargs)
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+                f.write(dreg_card_section(self))
 
     # ---- resuming --------------------------------------------------------------------------------
 

@@ -1,0 +1,193 @@
+"""Fine-tune (or train from scratch) a classifier with a regularizer: the function behind the scripts and the sweep.
+
+``run_classification(model_args, data_args, training_args)`` loads the data through ``datasets``,
+applies the low-data options (k examples per class, a cap, symmetric label noise on the training
+split), builds the model, trains with :class:`DREGTrainer`, evaluates on clean and noisy inputs,
+writes ``all_results.json`` and returns the results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import transformers as tf
+from datasets import ClassLabel, Dataset, DatasetDict
+
+from .args import DREGTrainingArguments
+from .data import add_image_noise, add_text_noise, apply_label_noise, check_columns, load_raw_datasets, select_samples_per_class
+from .metrics import classification_metrics
+from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
+from .trainer import DREGTrainer
+
+logger = tf.utils.logging.get_logger(__name__)
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and the low-data / noisy regime."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.jsonl, .json, .csv, .npz)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local evaluation file (same formats)."})
+    data_dir: str | None = field(default=None, metadata={"help": "A folder with train.*/test.* files, or an imagefolder."})
+    text_column: str = field(default="text", metadata={"help": "Text: the input column."})
+    image_column: str = field(default="image", metadata={"help": "Images: the input column."})
+    label_column: str = field(default="label", metadata={"help": "The label column."})
+    samples_per_class: int | None = field(default=None, metadata={"help": "Train on k examples per class (stratified, seeded)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap the training set (after samples_per_class)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded subset of this size."})
+    label_noise: float = field(default=0.0, metadata={"help": "Flip each training label to another class with this probability."})
+    eval_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Also evaluate on noisy inputs: images get Gaussian pixel noise of this std; text tokens are "
+            "replaced by random vocabulary tokens with this probability. Reported as eval_noisy_*."
+        },
+    )
+
+
+def _is_image_data(ds: Dataset, data_args: DataArguments) -> bool:
+    return data_args.image_column in ds.column_names
+
+
+def _label_names(ds: Dataset, label_column: str) -> list[str]:
+    feature = ds.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return [str(v) for v in sorted(set(ds[label_column]))]
+
+
+def prepare_splits(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict]:
+    """Raw train/validation splits after the low-data options, and a record of what was done."""
+    raw = load_raw_datasets(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_file,
+        data_args.validation_file,
+        data_dir=data_args.data_dir,
+        label_column=data_args.label_column,
+    )
+    input_column = data_args.image_column if _is_image_data(raw["train"], data_args) else data_args.text_column
+    for split in ("train", "validation"):
+        check_columns(raw[split], input_column, data_args.label_column)
+    train, evaluation = raw["train"], raw["validation"]
+    if data_args.samples_per_class:
+        train = select_samples_per_class(train, data_args.samples_per_class, data_args.label_column, seed)
+    if data_args.max_train_samples is not None and data_args.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(data_args.max_train_samples))
+    flipped = 0
+    if data_args.label_noise > 0:
+        train, flipped = apply_label_noise(train, data_args.label_noise, data_args.label_column, seed)
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(evaluation):
+        evaluation = evaluation.shuffle(seed=0).select(range(data_args.max_eval_samples))
+    regime = {
+        "train_examples": len(train),
+        "eval_examples": len(evaluation),
+        "samples_per_class": data_args.samples_per_class,
+        "label_noise": data_args.label_noise,
+        "labels_flipped": flipped,
+        "eval_noise": data_args.eval_noise,
+    }
+    return DatasetDict(train=train, validation=evaluation), regime
+
+
+def _image_shape(ds: Dataset, column: str) -> tuple[int, int, int]:
+    array = np.asarray(ds[0][column])
+    return (1, *array.shape) if array.ndim == 2 else (array.shape[2], array.shape[0], array.shape[1])
+
+
+def _text_features(splits, data_args, model_args, tokenizer):
+    def tokenize(batch):
+        out = tokenizer(batch[data_args.text_column], truncation=True, max_length=model_args.max_seq_length)
+        out["labels"] = batch[data_args.label_column]
+        return out
+
+    return splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="tokenize")
+
+
+def _image_features(splits, data_args, processor, noise: float = 0.0, seed: int = 0):
+    """Pixel values as the model sees them (with seeded Gaussian noise of std ``noise``) and labels."""
+
+    def transform(batch, indices):
+        out = processor(images=batch[data_args.image_column], return_tensors="pt")
+        pixels = out["pixel_values"]
+        if noise > 0:
+            pixels = torch.stack(
+                [add_image_noise(p, noise, torch.Generator().manual_seed(seed * 1_000_003 + i)) for p, i in zip(pixels, indices)]
+            )
+        return {"pixel_values": pixels, "labels": batch[data_args.label_column]}
+
+    columns = [data_args.image_column, data_args.label_column]
+    return splits.map(transform, batched=True, with_indices=True, remove_columns=columns, desc="pixels").with_format("torch")
+
+
+def _noisy_text(dataset: Dataset, tokenizer, p: float, seed: int) -> Dataset:
+    special = list(tokenizer.all_special_ids)
+
+    def corrupt(batch, indices):
+        rows = []
+        for ids, i in zip(batch["input_ids"], indices):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            rows.append(add_text_noise(torch.tensor(ids), None, p, len(tokenizer), special, g).tolist())
+        return {"input_ids": rows}
+
+    return dataset.map(corrupt, batched=True, with_indices=True, desc="text noise")
+
+
+def run_classification(model_args: ModelArguments, data_args: DataArguments, training_args: DREGTrainingArguments) -> dict:
+    """Train, evaluate (clean and, with eval_noise, noisy) and save; returns metrics and the run's record."""
+    seed = training_args.seed if training_args.data_seed is None else training_args.data_seed  # subsets and noise
+    tf.set_seed(training_args.seed)
+    splits, regime = prepare_splits(data_args, seed)
+    names = _label_names(splits["train"], data_args.label_column)
+    id2label = dict(enumerate(names))
+    images = _is_image_data(splits["train"], data_args)
+    if images:
+        shape = _image_shape(splits["train"], data_args.image_column)
+        processor = build_image_processor(model_args, shape)
+        model = build_model(model_args, len(names), id2label, image_shape=shape)
+        features = _image_features(splits, data_args, processor)
+        collator = tf.DefaultDataCollator()
+    else:
+        processor = build_tokenizer(model_args)
+        model = build_model(model_args, len(names), id2label)
+        features = _text_features(splits, data_args, model_args, processor)
+        collator = tf.DataCollatorWithPadding(processor)
+    trainer = DREGTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=features["train"],
+        eval_dataset=features["validation"],
+        processing_class=processor,
+        data_collator=collator,
+        compute_metrics=classification_metrics(),
+    )
+    trainer.run_info = {"data": regime, "model": model_args.model_name_or_path or f"{model_args.model_type} from scratch"}
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(train_result.metrics)
+    metrics.update(trainer.evaluate())
+    if data_args.eval_noise > 0:
+        if images:
+            noisy = _image_features(splits["validation"], data_args, processor, data_args.eval_noise, seed)
+        else:
+            noisy = _noisy_text(features["validation"], processor, data_args.eval_noise, seed)
+        metrics.update(trainer.evaluate(noisy, metric_key_prefix="eval_noisy"))
+    results = {
+        "metrics": metrics,
+        "regularizer": {"name": training_args.regularizer, "reg_lambda": training_args.reg_lambda, **trainer.regularizer.describe()},
+        **trainer.run_info,
+    }
+    trainer.run_info["results"] = {k: v for k, v in metrics.items() if k.startswith("eval")}
+    trainer.save_model()
+    trainer.save_metrics("all", {**metrics, **{f"data_{k}": v for k, v in regime.items() if v is not None}})
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "run_config.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return results

@@ -1,0 +1,52 @@
+"""Evaluation metrics shipped inside the package, so that they load offline with ``evaluate``.
+
+Each metric is an ``evaluate`` module folder (``metrics/<name>/<name>.py``) computed with
+scikit-learn; ``load_metric(name)`` is ``evaluate.load`` of that folder, never the Hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import evaluate
+import numpy as np
+
+METRICS_DIR = Path(__file__).resolve().parent
+AVAILABLE = ("accuracy", "f1")
+
+
+def metric_path(name: str) -> str:
+    """The folder of a packaged metric module."""
+    if name not in AVAILABLE:
+        raise ValueError(f"Unknown packaged metric {name!r}; available: {', '.join(AVAILABLE)}.")
+    return str(METRICS_DIR / name)
+
+
+def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
+    """``evaluate.load`` of the packaged metric ``name`` ('accuracy' or 'f1'); works offline."""
+    return evaluate.load(metric_path(name), **kwargs)
+
+
+def classification_metrics():
+    """A ``compute_metrics(eval_pred)`` for the Trainer reporting ``accuracy`` and ``macro_f1``.
+
+    ``eval_pred`` is the Trainer's ``EvalPrediction`` (or a ``(logits, labels)`` pair); logits may
+    be a tuple whose first item holds the class scores.
+    """
+    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        predictions = np.asarray(logits).argmax(axis=-1)
+        labels = np.asarray(labels)
+        return {
+            "accuracy": accuracy.compute(predictions=predictions, references=labels)["accuracy"],
+            "macro_f1": f1.compute(predictions=predictions, references=labels, average="macro")["f1"],
+        }
+
+    return compute_metrics
+
+
+__all__ = ["AVAILABLE", "METRICS_DIR", "classification_metrics", "load_metric", "metric_path"]
