@@ -8,6 +8,7 @@ writes ``all_results.json`` and returns the results.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import transformers as tf
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from .args import DREGTrainingArguments
+from .diagnostics import per_site_dreg
+from .sites import NoSitesError
 from .data import add_image_noise, add_text_noise, apply_label_noise, check_columns, load_raw_datasets, select_samples_per_class
 from .metrics import classification_metrics
 from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
@@ -139,8 +142,30 @@ def _noisy_text(dataset: Dataset, tokenizer, p: float, seed: int) -> Dataset:
     return dataset.map(corrupt, batched=True, with_indices=True, desc="text noise")
 
 
-def run_classification(model_args: ModelArguments, data_args: DataArguments, training_args: DREGTrainingArguments) -> dict:
-    """Train, evaluate (clean and, with eval_noise, noisy) and save; returns metrics and the run's record."""
+def _per_site_values(trainer, model, dataset, collator, training_args, max_batches: int = 8) -> dict[str, float]:
+    """Per-site DREG of the trained model on (up to ``max_batches`` of) the evaluation data."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
+    batches = itertools.islice(loader, max_batches)
+    try:
+        return per_site_dreg(model, batches, handle=trainer.dreg, activations=training_args.dreg_activation_list,
+                             exclude_modules=training_args.dreg_exclude_modules)
+    except NoSitesError:
+        return {}
+
+
+def run_classification(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DREGTrainingArguments,
+    save: bool = True,
+    quiet: bool = False,
+) -> dict:
+    """Train, evaluate (clean and, with eval_noise, noisy) and save; returns metrics and the run's record.
+
+    The record includes the per-site DREG value of the trained model on the evaluation data (measured
+    for every regularizer, so the report can compare where the pressure went). ``save=False`` (the
+    sweep) writes no model or results files; ``quiet=True`` prints no log lines.
+    """
     seed = training_args.seed if training_args.data_seed is None else training_args.data_seed  # subsets and noise
     tf.set_seed(training_args.seed)
     splits, regime = prepare_splits(data_args, seed)
@@ -167,6 +192,8 @@ def run_classification(model_args: ModelArguments, data_args: DataArguments, tra
         data_collator=collator,
         compute_metrics=classification_metrics(),
     )
+    if quiet:
+        trainer.remove_callback(tf.trainer_callback.PrinterCallback)
     trainer.run_info = {"data": regime, "model": model_args.model_name_or_path or f"{model_args.model_type} from scratch"}
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
@@ -177,12 +204,16 @@ def run_classification(model_args: ModelArguments, data_args: DataArguments, tra
         else:
             noisy = _noisy_text(features["validation"], processor, data_args.eval_noise, seed)
         metrics.update(trainer.evaluate(noisy, metric_key_prefix="eval_noisy"))
+    site_values = _per_site_values(trainer, model, features["validation"], collator, training_args)
     results = {
         "metrics": metrics,
+        "per_site_dreg": site_values,
         "regularizer": {"name": training_args.regularizer, "reg_lambda": training_args.reg_lambda, **trainer.regularizer.describe()},
         **trainer.run_info,
     }
     trainer.run_info["results"] = {k: v for k, v in metrics.items() if k.startswith("eval")}
+    if not save:
+        return results
     trainer.save_model()
     trainer.save_metrics("all", {**metrics, **{f"data_{k}": v for k, v in regime.items() if v is not None}})
     if trainer.is_world_process_zero():

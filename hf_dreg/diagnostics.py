@@ -1,0 +1,36 @@
+"""Measurements that say where DREG's pressure goes: the per-site DREG value of a trained model."""
+
+from __future__ import annotations
+
+import torch
+
+from .attach import attach
+
+
+@torch.no_grad()
+def per_site_dreg(model, batches, handle=None, activations="gelu", exclude_modules=None) -> dict[str, float]:
+    """Per-site DREG value (padding excluded) over ``batches`` (dicts of model inputs, labels allowed).
+
+    Uses ``handle`` if given, else attaches a temporary one (so it also measures models trained
+    without DREG) and detaches it afterwards.
+    """
+    own = handle is None
+    if own:
+        handle = attach(model, activations=activations, exclude_modules=exclude_modules)
+    sums: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+            model(**inputs)
+            for site, total, count in handle.site_sums():
+                entry = sums.setdefault(site.name, [0.0, 0.0])
+                entry[0] += float(total)
+                entry[1] += float(count)
+    finally:
+        model.train(was_training)
+        if own:
+            handle.detach()
+    return {name: total / max(count, 1.0) for name, (total, count) in sums.items()}

@@ -1,0 +1,220 @@
+"""The report of a sweep: tables, paired Wilcoxon tests of DREG against each regularizer, ranks, plots, REPORT.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .results_store import read_results
+
+PAIR_AXES = ("dataset", "hidden_act", "samples_per_class", "seed", "dreg_lambda", "model")
+
+
+def load_frame(path: str | Path) -> pd.DataFrame:
+    """One row per finished run: its axes, accuracy (clean and noisy), macro-F1 and wall time."""
+    rows = []
+    for record in read_results(path):
+        metrics = record.get("metrics", {})
+        row = dict(record.get("axes", {}))
+        row["regularizer"] = row.get("regularizer", record.get("regularizer", {}).get("name"))
+        row["accuracy"] = metrics.get("eval_accuracy")
+        row["macro_f1"] = metrics.get("eval_macro_f1")
+        row["noisy_accuracy"] = metrics.get("eval_noisy_accuracy")
+        row["wall_time_s"] = record.get("wall_time_s")
+        row["per_site_dreg"] = record.get("per_site_dreg", {})
+        row["cell"] = record["cell"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean, std) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if np.isfinite(std) else f"{100 * mean:.1f}"
+
+
+def summary_table(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -> pd.DataFrame:
+    """Mean ± std (%, over the runs in each group) and the number of runs."""
+    grouped = frame.dropna(subset=[value]).groupby(by)[value]
+    table = pd.DataFrame({"mean ± std (%)": [_fmt(m, s) for m, s in zip(grouped.mean(), grouped.std())], "runs": grouped.size().values})
+    table.index = grouped.mean().index
+    return table
+
+
+def pair_axes(frame: pd.DataFrame) -> list[str]:
+    """The axes that define a paired cell: every axis but the regularizer."""
+    return [c for c in frame.columns if c in PAIR_AXES or c not in (
+        "regularizer", "accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell")]
+
+
+def paired(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
+    """Cells (rows) x regularizers (columns) of ``value``, only cells where every regularizer finished."""
+    axes = pair_axes(frame)
+    wide = frame.pivot_table(index=axes, columns="regularizer", values=value, aggfunc="first")
+    return wide.dropna()
+
+
+def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = "accuracy") -> pd.DataFrame:
+    """Wilcoxon signed-rank test of ``reference`` against each other regularizer, paired by cell."""
+    from scipy.stats import wilcoxon
+
+    wide = paired(frame, value)
+    rows = []
+    if reference not in wide:
+        return pd.DataFrame(rows)
+    for other in wide.columns:
+        if other == reference:
+            continue
+        diff = wide[reference] - wide[other]
+        nonzero = diff[diff != 0]
+        p = float(wilcoxon(wide[reference], wide[other]).pvalue) if len(nonzero) >= 1 else float("nan")
+        rows.append(
+            {
+                "against": other,
+                "pairs": len(diff),
+                "mean diff (pts)": round(100 * diff.mean(), 2),
+                "wins": int((diff > 0).sum()),
+                "ties": int((diff == 0).sum()),
+                "losses": int((diff < 0).sum()),
+                "win rate": round(float((diff > 0).mean()), 3),
+                "p (two-sided)": p,
+            }
+        )
+    return pd.DataFrame(rows).set_index("against")
+
+
+def mean_ranks(frame: pd.DataFrame, value: str = "accuracy") -> pd.Series:
+    """Mean rank of each regularizer over paired cells (1 = best; ties share the average rank)."""
+    wide = paired(frame, value)
+    return wide.rank(axis=1, ascending=False).mean().sort_values()
+
+
+def _layer_of(site: str) -> int | None:
+    numbers = re.findall(r"\.(\d+)\.", site)
+    return int(numbers[0]) if numbers else None
+
+
+def per_layer_dreg(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean final per-site DREG value by layer index (rows) and regularizer (columns)."""
+    rows = []
+    for _, run in frame.iterrows():
+        for site, value in (run["per_site_dreg"] or {}).items():
+            rows.append({"regularizer": run["regularizer"], "layer": _layer_of(site), "dreg": value})
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).pivot_table(index="layer", columns="regularizer", values="dreg", aggfunc="mean")
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def _plot_accuracy_vs_size(frame, folder: Path) -> str | None:
+    if "samples_per_class" not in frame or frame["samples_per_class"].nunique() < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = sorted(frame["samples_per_class"].unique(), key=lambda v: float(v))
+    for reg, group in frame.groupby("regularizer"):
+        means = [group[group["samples_per_class"] == k]["accuracy"].mean() * 100 for k in sizes]
+        stds = [group[group["samples_per_class"] == k]["accuracy"].std() * 100 for k in sizes]
+        ax.errorbar([float(k) for k in sizes], means, yerr=stds, marker="o", capsize=3, label=reg)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples per class")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs training size (mean ± std over cells)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = "accuracy_vs_samples_per_class.png"
+    fig.savefig(folder / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def _plot_ranks(ranks: pd.Series, folder: Path) -> str | None:
+    if ranks.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.barh(list(ranks.index)[::-1], list(ranks.values)[::-1], color="tab:blue")
+    ax.set_xlabel("mean rank over paired cells (1 = best)")
+    ax.set_title("Regularizer ranks")
+    fig.tight_layout()
+    name = "mean_ranks.png"
+    fig.savefig(folder / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def _plot_per_layer(table: pd.DataFrame, folder: Path) -> str | None:
+    if table.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for reg in table.columns:
+        ax.plot(table.index, table[reg], marker="o", label=reg)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("per-site DREG value at the end of training")
+    ax.set_title("Where the DREG pressure goes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = "per_layer_dreg.png"
+    fig.savefig(folder / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def _md(table: pd.DataFrame) -> str:
+    return table.to_markdown() if not table.empty else "_no data_"
+
+
+def write_report(results: str | Path, folder: str | Path, title: str = "Sweep report") -> Path:
+    """Write REPORT.md and its PNG plots into ``folder``; returns the report's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = load_frame(results)
+    if frame.empty:
+        raise ValueError(f"{results} holds no finished run yet.")
+    sections = [f"# {title}", "", f"Runs: {len(frame)} finished (from `{results}`).", ""]
+    sections += ["## Accuracy by regularizer", "", _md(summary_table(frame, ["regularizer"])), ""]
+    for axis, label in (("hidden_act", "activation"), ("dataset", "dataset"), ("samples_per_class", "training size (per class)")):
+        if axis in frame and frame[axis].nunique() > 1:
+            table = summary_table(frame, [axis, "regularizer"])["mean ± std (%)"].unstack("regularizer")
+            sections += [f"## Accuracy by {label}", "", _md(table), ""]
+    if frame["noisy_accuracy"].notna().any():
+        clean = summary_table(frame, ["regularizer"], "accuracy")["mean ± std (%)"]
+        noisy = summary_table(frame, ["regularizer"], "noisy_accuracy")["mean ± std (%)"]
+        sections += ["## Clean vs noisy evaluation inputs", "", _md(pd.DataFrame({"clean": clean, "noisy inputs": noisy})), ""]
+    tests = wilcoxon_against(frame)
+    sections += ["## DREG against each regularizer (Wilcoxon signed-rank, paired by cell)", "", _md(tests), ""]
+    if frame["noisy_accuracy"].notna().any():
+        sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
+    ranks = mean_ranks(frame)
+    sections += ["## Mean ranks (1 = best)", "", _md(ranks.rename("mean rank").to_frame()), ""]
+    plots = [
+        _plot_accuracy_vs_size(frame, folder),
+        _plot_ranks(ranks, folder),
+        _plot_per_layer(per_layer_dreg(frame), folder),
+    ]
+    sections += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
+    layers = per_layer_dreg(frame)
+    if not layers.empty:
+        sections += ["## Per-layer DREG value at the end of training", "", _md(layers.round(5)), ""]
+    path = folder / "REPORT.md"
+    path.write_text("\n".join(sections))
+    return path

@@ -1,0 +1,179 @@
+"""A factorial sweep: expand a grid of runs, run every cell, append each result to a JSONL file.
+
+A config (YAML) has ``base`` (flags common to every run: any field of ModelArguments, DataArguments
+or DREGTrainingArguments), ``grid`` (axis -> list of values; a value is a scalar setting the flag of
+the axis' name, or a dict of flags with a ``name``), and ``results`` (the JSONL path). Every cell of
+the full cross product is one run of :func:`hf_dreg.finetune.run_classification`.
+
+Resumable: cells already in the results file are skipped. ``shard=(i, n)`` takes every n-th cell.
+``workers`` runs cells in parallel processes with one thread each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from .results_store import append_result, read_results
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its key (axis -> value name) and the flags it runs with."""
+
+    key: tuple[tuple[str, str], ...]
+    flags: dict = field(hash=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        return "|".join(f"{axis}={value}" for axis, value in self.key)
+
+
+@dataclass
+class SweepConfig:
+    base: dict
+    grid: dict
+    results: str
+    name: str = "sweep"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SweepConfig":
+        raw = yaml.safe_load(Path(path).read_text())
+        missing = {"grid", "results"} - set(raw)
+        if missing:
+            raise ValueError(f"Sweep config {path} lacks {sorted(missing)}: it needs 'grid' and 'results' (and usually 'base').")
+        # paths in a config (results, data_dir...) are relative to the folder the sweep is run from
+        return cls(base=raw.get("base", {}), grid=raw["grid"], results=raw["results"], name=raw.get("name", Path(path).stem))
+
+
+def _value_name(axis: str, value) -> str:
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise ValueError(f"Grid axis {axis!r}: a dict value needs a 'name' ({value}).")
+        return str(value["name"])
+    return str(value)
+
+
+def expand_grid(config: SweepConfig) -> list[Cell]:
+    """Every cell of the cross product, in a stable order."""
+    axes = list(config.grid)
+    cells = []
+    for values in itertools.product(*(config.grid[a] for a in axes)):
+        flags = dict(config.base)
+        for axis, value in zip(axes, values):
+            if isinstance(value, dict):
+                flags.update({k: v for k, v in value.items() if k != "name"})
+            else:
+                flags[axis] = value
+        key = tuple((axis, _value_name(axis, value)) for axis, value in zip(axes, values))
+        cells.append(Cell(key, flags))
+    return cells
+
+
+def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    if shard is None:
+        return cells
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"--shard i/n needs 0 <= i < n, got {index}/{count}.")
+    return cells[index::count]
+
+
+def versions() -> dict:
+    import datasets
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "hf_dreg": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_cell(cell: Cell, threads: int | None = None) -> dict:
+    """Run one cell in this process; returns its record (config, metrics, wall time, versions)."""
+    import torch
+    from transformers import HfArgumentParser
+    from transformers.utils import logging as hf_logging
+
+    from .args import DREGTrainingArguments
+    from .finetune import DataArguments, run_classification
+    from .models import ModelArguments
+
+    if threads:
+        torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hf_dreg_cell_") as tmp:
+        flags = {"output_dir": tmp, "report_to": [], "disable_tqdm": True, "save_strategy": "no", **cell.flags}
+        flags["output_dir"] = tmp
+        parser = HfArgumentParser((ModelArguments, DataArguments, DREGTrainingArguments))
+        model_args, data_args, training_args = parser.parse_dict(flags)
+        result = run_classification(model_args, data_args, training_args, save=False, quiet=True)
+    return {
+        "cell": cell.id,
+        "axes": dict(cell.key),
+        "config": {k: v for k, v in cell.flags.items()},
+        "metrics": result["metrics"],
+        "regularizer": result["regularizer"],
+        "data": result["data"],
+        "per_site_dreg": result.get("per_site_dreg", {}),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "versions": versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _run_in_worker(cell: Cell) -> dict:
+    return run_cell(cell, threads=1)
+
+
+def run_sweep(config: SweepConfig, shard=None, workers: int = 1, limit: int | None = None, progress: bool = True) -> list[dict]:
+    """Run every unfinished cell of this shard; returns the records written in this call."""
+    done = {record["cell"] for record in read_results(config.results)}
+    cells = select_shard(expand_grid(config), shard)
+    todo = [cell for cell in cells if cell.id not in done]
+    if limit is not None:
+        todo = todo[:limit]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=config.name, unit="run", disable=not progress)
+    written = []
+
+    def finish(record):
+        append_result(config.results, record)
+        written.append(record)
+        bar.set_postfix_str(record["cell"][-40:], refresh=False)
+        bar.update(1)
+
+    try:
+        if workers <= 1:
+            for cell in todo:
+                finish(run_cell(cell))
+        else:
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                pending = {pool.submit(_run_in_worker, cell) for cell in todo[:workers]}
+                queue = list(todo[workers:])
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        finish(future.result())
+                        if queue:
+                            pending.add(pool.submit(_run_in_worker, queue.pop(0)))
+    finally:
+        bar.close()
+    return written

@@ -1,0 +1,64 @@
+"""The sweep runner (resumable, sharded, kill-safe JSONL) and the report."""
+
+import json
+
+import pytest
+
+from hf_dreg.report import load_frame, wilcoxon_against, write_report
+from hf_dreg.results_store import append_result, read_results
+from hf_dreg.sweep import SweepConfig, expand_grid, run_sweep, select_shard
+
+
+@pytest.fixture
+def tiny_config(shared_data, tmp_path):
+    config = SweepConfig.from_yaml("configs/sweep_tiny.yaml")
+    config.base["data_dir"] = str(shared_data / "sst2")
+    config.results = str(tmp_path / "results.jsonl")
+    return config
+
+
+def test_grid_expands_dict_values_by_name():
+    config = SweepConfig(
+        base={"max_steps": 1},
+        grid={"dataset": [{"name": "a", "data_dir": "x", "label_noise": 0.2}, {"name": "b", "data_dir": "y"}], "seed": [0, 1, 2]},
+        results="r.jsonl",
+    )
+    cells = expand_grid(config)
+    assert len(cells) == 6 and len({c.id for c in cells}) == 6
+    assert cells[0].id == "dataset=a|seed=0" and cells[0].flags == {"max_steps": 1, "data_dir": "x", "label_noise": 0.2, "seed": 0}
+    shards = [select_shard(cells, (i, 4)) for i in range(4)]
+    assert sorted(c.id for s in shards for c in s) == sorted(c.id for c in cells)
+    with pytest.raises(ValueError, match="shard"):
+        select_shard(cells, (4, 4))
+
+
+def test_store_survives_a_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_result(path, {"cell": "a"})
+    with open(path, "a") as f:
+        f.write('{"cell": "b", "metr')  # killed mid-write
+    append_result(path, {"cell": "c"})
+    with pytest.warns(UserWarning, match="incomplete line"):
+        assert [r["cell"] for r in read_results(path)] == ["a", "c"]
+
+
+def test_sweep_runs_resumes_and_reports(tiny_config, tmp_path):
+    tiny_config.grid["samples_per_class"] = [4]
+    written = run_sweep(tiny_config, limit=3, progress=False)
+    assert len(written) == 3
+    record = read_results(tiny_config.results)[0]
+    assert {"cell", "axes", "config", "metrics", "wall_time_s", "versions", "per_site_dreg"} <= set(record)
+    assert record["versions"]["transformers"].startswith("5.")
+    assert 0 <= record["metrics"]["eval_accuracy"] <= 1
+    # a rerun skips finished cells and runs only the one left
+    written = run_sweep(tiny_config, progress=False)
+    assert [r["cell"] for r in written] == ["samples_per_class=4|regularizer=dreg|seed=1"]
+    assert run_sweep(tiny_config, progress=False) == []
+    frame = load_frame(tiny_config.results)
+    assert len(frame) == 4 and set(frame["regularizer"]) == {"none", "dreg"}
+    tests = wilcoxon_against(frame)
+    assert tests.loc["none", "pairs"] == 2
+    report = write_report(tiny_config.results, tmp_path / "report")
+    text = report.read_text()
+    assert "Wilcoxon" in text and "mean_ranks.png" in text
+    assert (tmp_path / "report" / "mean_ranks.png").stat().st_size > 1000
