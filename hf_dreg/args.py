@@ -10,6 +10,8 @@ from transformers import TrainingArguments
 from .activations import resolve_families
 
 DEFAULT_DREG_LAMBDA = 10**-2.5
+DEFAULT_TARGET_RATIO = 0.1
+AUTO = "auto"
 REGULARIZERS = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
 # documented default strength of each regularizer (dreg's is dreg_lambda: one source of truth)
 DEFAULT_REG_LAMBDA = {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01}
@@ -22,9 +24,16 @@ class DREGTrainingArguments(TrainingArguments):
     With the default ``regularizer="dreg"``, ``reg_lambda`` is ``dreg_lambda``.
     """
 
-    dreg_lambda: float = field(
+    dreg_lambda: float_or_auto = field(
         default=DEFAULT_DREG_LAMBDA,
-        metadata={"help": "Strength of the DREG penalty (default 10**-2.5 = 0.00316); 0 turns DREG off."},
+        metadata={
+            "help": "Strength of the DREG penalty (default 10**-2.5 = 0.00316); 0 turns DREG off; 'auto' calibrates "
+            "it on the first batch so that ||grad lambda*R|| / ||grad task loss|| = dreg_target_ratio."
+        },
+    )
+    dreg_target_ratio: float = field(
+        default=DEFAULT_TARGET_RATIO,
+        metadata={"help": "With --dreg_lambda auto: the gradient ratio lambda is calibrated to (default 0.1)."},
     )
     dreg_activations: str = field(
         default="gelu",
@@ -67,19 +76,32 @@ class DREGTrainingArguments(TrainingArguments):
     spectral_power_iterations: int = field(default=1, metadata={"help": "spectral_norm: power steps per training step."})
     jacobian_n_proj: int = field(default=1, metadata={"help": "jacobian: random projections per example."})
     jacobian_exact: bool = field(default=False, metadata={"help": "jacobian: exact Frobenius norm (one pass per logit)."})
+    reg_ratio_interval: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps, log reg_grad_ratio = ||grad reg_lambda*penalty|| / ||grad task loss|| "
+            "over the trainable parameters, measured on one micro-batch (two extra backward passes of it: about "
+            "2/N of a step). 0 = off. Warns when it stays below 1e-2 (no measurable effect) or above 1."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"Unknown regularizer {self.regularizer!r}: choose one of {', '.join(REGULARIZERS)}.")
-        _check_strength("dreg_lambda", self.dreg_lambda)
+        if self.dreg_lambda != AUTO:
+            _check_strength("dreg_lambda", self.dreg_lambda)
+        if not (math.isfinite(self.dreg_target_ratio) and self.dreg_target_ratio > 0):
+            raise ValueError(f"dreg_target_ratio must be a finite number > 0, got {self.dreg_target_ratio!r}.")
+        if self.reg_ratio_interval < 0:
+            raise ValueError(f"reg_ratio_interval must be >= 0 (0 = off), got {self.reg_ratio_interval}.")
         if self.reg_lambda is not None:
             _check_strength("reg_lambda", self.reg_lambda)
         self._resolve_strength()
         resolve_families(self.dreg_activation_list)  # fails early with the list of valid choices
         if self.jacobian_n_proj < 1 or self.spectral_power_iterations < 1:
             raise ValueError("jacobian_n_proj and spectral_power_iterations must be >= 1.")
-        if self.gradient_checkpointing and self.regularizer == "dreg" and self.dreg_lambda > 0:
+        if self.gradient_checkpointing and self.regularizer == "dreg" and self.dreg_lambda != 0:
             kwargs = dict(self.gradient_checkpointing_kwargs or {})
             if kwargs.get("use_reentrant", False):
                 raise ValueError(
@@ -93,6 +115,11 @@ class DREGTrainingArguments(TrainingArguments):
     def _resolve_strength(self) -> None:
         """One source of truth: reg_lambda is dreg_lambda for DREG, and weight_decay for weight decay."""
         if self.regularizer == "dreg":
+            if self.dreg_lambda == AUTO:
+                if self.reg_lambda is not None and self.reg_lambda != AUTO:
+                    raise ValueError("dreg_lambda='auto' calibrates the strength: do not pass reg_lambda as well.")
+                self.reg_lambda = AUTO  # replaced by the calibrated value on the first batch
+                return
             if self.reg_lambda is not None and self.reg_lambda != self.dreg_lambda:
                 if self.dreg_lambda != DEFAULT_DREG_LAMBDA:
                     raise ValueError(
@@ -124,11 +151,23 @@ class DREGTrainingArguments(TrainingArguments):
             config.update(dreg_activations=self.dreg_activations, dreg_exclude_modules=self.dreg_exclude_modules)
         if self.regularizer == "dreg":
             config["dreg_lambda"] = self.dreg_lambda
+            if self.dreg_lambda == AUTO:
+                config["dreg_target_ratio"] = self.dreg_target_ratio
         if self.regularizer == "spectral_norm":
             config.update(spectral_mode=self.spectral_mode, spectral_power_iterations=self.spectral_power_iterations)
         if self.regularizer == "jacobian":
             config.update(jacobian_n_proj=self.jacobian_n_proj, jacobian_exact=self.jacobian_exact)
         return config
+
+
+def float_or_auto(text):
+    """The argparse type of ``--dreg_lambda``: a number, or 'auto'."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"dreg_lambda must be a number or 'auto', got {text!r}.") from None
 
 
 def _check_strength(name: str, value) -> None:

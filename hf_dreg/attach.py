@@ -11,6 +11,7 @@ record and remembers the attention masks it was called with.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -65,13 +66,23 @@ class DREGHandle:
             self._hooks.append(modules[site.name].register_forward_hook(self._activation_hook(site)))
         for path, entries in roles.items():
             self._hooks.append(modules[path].register_forward_hook(self._layer_hook(entries)))
+        try:  # to find masks passed positionally, e.g. model(input_ids, attention_mask)
+            self._signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._signature = None
         self._hooks.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
 
     # ---- hooks ----------------------------------------------------------------------------------
 
     def _on_model_call(self, module, args, kwargs):
         self._records = {}
+        self._last = {}
         self._recording = True
+        if args and self._signature is not None:
+            try:
+                kwargs = {**self._signature.bind_partial(*args).arguments, **kwargs}
+            except TypeError:
+                pass
         self._masks = {k: kwargs[k] for k in _MASK_KEYS if isinstance(kwargs.get(k), Tensor)}
 
     def _layer_hook(self, entries):
@@ -156,8 +167,11 @@ class DREGHandle:
         return total
 
     def per_site(self) -> dict[str, float]:
-        """Site name -> DREG value of the last ``penalty()`` (computed now if it was not called)."""
-        if not self._last and self._records:
+        """Site name -> DREG value of the last forward's ``penalty()`` (computed now if it was not called).
+
+        Raises the same RuntimeError as ``penalty()`` when no forward has been recorded.
+        """
+        if not self._last:
             self.penalty()
         return {name: float(v) for name, v in self._last.items()}
 

@@ -1,4 +1,4 @@
-"""Measurements that say where DREG's pressure goes: the per-site DREG value of a trained model."""
+"""Measurements of what a regularizer does: its gradient against the task's, and where DREG's pressure goes."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def per_site_dreg(model, batches, handle=None, activations="gelu", exclude_modul
         if own:
             handle.detach()
     return {name: total / max(count, 1.0) for name, (total, count) in sums.items()}
+
+
+def gradient_norms(task_loss: torch.Tensor, term: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||d task_loss / d params||, ||d term / d params||) over ``params``, keeping the graph for backward.
+
+    Two extra backward passes of this micro-batch: the cost of one measurement.
+    """
+    def norm(value):
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=value.device)
+
+    return norm(task_loss), norm(term)

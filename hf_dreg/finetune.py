@@ -208,7 +208,12 @@ def run_classification(
     results = {
         "metrics": metrics,
         "per_site_dreg": site_values,
-        "regularizer": {"name": training_args.regularizer, "reg_lambda": training_args.reg_lambda, **trainer.regularizer.describe()},
+        "regularizer": {
+            "name": training_args.regularizer,
+            "reg_lambda": training_args.reg_lambda,  # the calibrated value under --dreg_lambda auto
+            "dreg_lambda": training_args.dreg_lambda,
+            **trainer.regularizer.describe(),
+        },
         **trainer.run_info,
     }
     trainer.run_info["results"] = {k: v for k, v in metrics.items() if k.startswith("eval")}

@@ -7,7 +7,10 @@ def dreg_card_section(trainer) -> str:
     args = trainer.args
     lines = ["", "## Regularization (hf_dreg)", ""]
     lines.append(f"- regularizer: `{args.regularizer}`")
-    lines.append(f"- strength (reg_lambda): `{args.reg_lambda:.6g}`")
+    strength = f"{args.reg_lambda:.6g}" if isinstance(args.reg_lambda, float) else str(args.reg_lambda)
+    lines.append(f"- strength (reg_lambda): `{strength}`")
+    if getattr(args, "dreg_lambda", None) == "auto" and args.regularizer == "dreg":
+        lines.append(f"- calibrated with --dreg_lambda auto to a gradient ratio of `{args.dreg_target_ratio}`")
     for key, value in trainer.regularizer.describe().items():
         if key != "layers":
             lines.append(f"- {key}: `{value}`")

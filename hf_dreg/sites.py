@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .activations import is_activation_module, is_supported, resolve_families, spec_for
+from .activations import UnsupportedActivationError, is_activation_module, is_supported, resolve_families, spec_for
 from .layers import check_computes_linear, in_features, is_linear_like
 
 PLAIN, GATED, FUSED_GATED = "plain", "gated", "fused_gated"
@@ -144,7 +144,7 @@ def find_sites(model: nn.Module, activations="gelu", exclude_modules=None, input
         unsupported = [s for s in sites if not s.family]
         if unsupported:
             spec_for_error = unsupported[0]
-            raise ValueError(
+            raise UnsupportedActivationError(
                 f"The MLP activation {spec_for_error.name!r} is of class {spec_for_error.activation!r}, "
                 "which hf_dreg has no analytic derivative for. Exclude it with exclude_modules=[...] "
                 "or choose activations that the model's MLPs use."

@@ -20,8 +20,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .args import DREGTrainingArguments
+from .args import AUTO, DREGTrainingArguments
 from .attach import _MASK_KEYS
+from .diagnostics import gradient_norms
 from .model_card import dreg_card_section
 from .regularizers import DREG, StepInfo, build_regularizer
 
@@ -62,6 +63,8 @@ class DREGTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._positions: dict[str, torch.Tensor] = {}
         self.regularizer = build_regularizer(self.model, args)
+        self._ratios: list[float] = []
+        self._warned: set[str] = set()
         self.add_callback(_SaveDREGConfig())
 
     @property
@@ -90,9 +93,68 @@ class DREGTrainer(Trainer):
             if scaled is None:
                 scaled = self.compute_loss_func is not None
             term = penalty.term / steps if scaled else penalty.term
+            if self.args.reg_lambda == AUTO:
+                self._calibrate(model, loss, term)
+            elif self._should_measure_ratio():
+                self._measure_ratio(model, loss, term)
             self._metrics["train"]["task_loss"].append(loss.detach())
             loss = loss + self.args.reg_lambda * term
         return (loss, outputs) if return_outputs else loss
+
+    # ---- the strength: gradient-ratio diagnostic and calibration ----------------------------------
+
+    def _trainable(self, model):
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def _gradient_norms(self, model, loss, term):
+        task_norm, term_norm = gradient_norms(loss, term, self._trainable(model))
+        if self.accelerator.num_processes > 1:  # every process must agree (lambda) and log the same value
+            task_norm = self.accelerator.reduce(task_norm, reduction="mean")
+            term_norm = self.accelerator.reduce(term_norm, reduction="mean")
+        return task_norm, term_norm
+
+    def _calibrate(self, model, loss, term) -> None:
+        """--dreg_lambda auto: lambda such that ||grad lambda*R|| = target * ||grad task loss|| on this batch."""
+        task_norm, term_norm = self._gradient_norms(model, loss, term)
+        if not float(term_norm) > 0:
+            raise ValueError("--dreg_lambda auto: the penalty has no gradient on the first batch; set dreg_lambda explicitly.")
+        strength = self.args.dreg_target_ratio * float(task_norm) / float(term_norm)
+        self.args.reg_lambda = strength
+        self._metrics["train"]["reg_lambda"].append(torch.tensor(strength))
+        self._metrics["train"]["reg_grad_ratio"].append(torch.tensor(self.args.dreg_target_ratio))
+        logger.warning(
+            f"--dreg_lambda auto: lambda = {strength:.4g} gives a gradient ratio of {self.args.dreg_target_ratio} "
+            f"(||grad task|| = {float(task_norm):.4g}, ||grad R|| = {float(term_norm):.4g} on the first batch)."
+        )
+
+    def _should_measure_ratio(self) -> bool:
+        interval = self.args.reg_ratio_interval
+        if not interval or not self.model.training:
+            return False
+        first_micro_batch = self._last_measured_step != self.state.global_step
+        return first_micro_batch and self.state.global_step % interval == 0
+
+    _last_measured_step = None
+
+    def _measure_ratio(self, model, loss, term) -> None:
+        self._last_measured_step = self.state.global_step
+        task_norm, term_norm = self._gradient_norms(model, loss, term)
+        ratio = float(self.args.reg_lambda) * float(term_norm) / max(float(task_norm), 1e-30)
+        self._metrics["train"]["reg_grad_ratio"].append(torch.tensor(ratio))
+        self._ratios.append(ratio)
+        recent = self._ratios[-3:]
+        if len(recent) == 3 and max(recent) < 1e-2 and "low" not in self._warned:
+            self._warned.add("low")
+            logger.warning(
+                f"{self.regularizer.name} has no measurable effect at reg_lambda={self.args.reg_lambda:.4g}: its "
+                f"gradient is {ratio:.2e} of the task loss's. Raise the strength (or use --dreg_lambda auto)."
+            )
+        if len(recent) == 3 and min(recent) > 1 and "high" not in self._warned:
+            self._warned.add("high")
+            logger.warning(
+                f"{self.regularizer.name} dominates training at reg_lambda={self.args.reg_lambda:.4g}: its gradient "
+                f"is {ratio:.2f}x the task loss's. Lower the strength (or use --dreg_lambda auto)."
+            )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -125,7 +187,7 @@ class DREGTrainer(Trainer):
                 value = torch.stack([v.float() for v in values]).mean()
                 if self.accelerator.num_processes > 1:
                     value = self.accelerator.reduce(value.to(self.args.device), reduction="mean")
-                logs[prefix + key] = round(value.item(), 8)
+                logs[prefix + key] = float(f"{value.item():.6g}")
             self._metrics[mode].clear()
         super().log(logs, start_time)
 
@@ -156,6 +218,9 @@ class DREGTrainer(Trainer):
         with open(path) as f:
             saved = json.load(f)
         current = self.args.dreg_config_dict()
+        if current.get("dreg_lambda") == AUTO and saved.get("dreg_lambda") == AUTO:
+            self.args.reg_lambda = saved["reg_lambda"]  # keep the strength calibrated at the start of the run
+            current = self.args.dreg_config_dict()
         if saved != current:
             logger.warning(
                 f"Resuming from {checkpoint} with regularizer settings {current}, but it was trained with {saved}. "

@@ -19,7 +19,7 @@ class DREG(Regularizer):
             model, activations=args.dreg_activation_list, exclude_modules=args.dreg_exclude_modules, fused=args.dreg_fused
         )
         self.log_per_site = args.dreg_log_per_site
-        logger.info(f"DREG attached (lambda={args.reg_lambda:.4g}): {self.handle}")
+        logger.info(f"DREG attached (lambda={args.reg_lambda}): {self.handle}")
 
     def compute(self, model, inputs, task_loss, step):
         loss, outputs = task_loss(model, inputs)

@@ -1,0 +1,390 @@
+"""attach() on the tiny real models: exact penalty and gradient against jacrev, masks, reversibility, errors."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import hf_dreg
+from hf_dreg import penalty as penalty_module
+from site_expectations import capture_inputs, expected_sites, reference_penalty, reference_per_position
+from tiny_models import tiny_inputs, tiny_model
+
+_ACTIVATIONS = {"llama": "silu"}  # the default ("gelu") for the others
+
+
+def _f64_model(family, seed=0):
+    model = tiny_model(family, dtype=torch.float64, seed=seed).eval()
+    with torch.no_grad():  # larger weights so that the activations leave their linear regime
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                p.mul_(4.0)
+    return model
+
+
+def _inputs(model, family, seed=0):
+    inputs = tiny_inputs(model, seed=seed)
+    if family == "t5":
+        mask = torch.ones_like(inputs["decoder_input_ids"])
+        mask[1, 2:] = 0
+        mask[2, 3:] = 0
+        inputs["decoder_attention_mask"] = mask
+    return inputs
+
+
+def _masks(inputs):
+    return {k: inputs[k] for k in ("attention_mask", "decoder_attention_mask") if k in inputs}
+
+
+def _run(model, family, inputs, **attach_kwargs):
+    """Attach, capture each site's input x, forward; returns (handle, captured x, output)."""
+    handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), **attach_kwargs)
+    captured, hooks = capture_inputs(model, expected_sites(family))
+    try:
+        out = model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return handle, captured, out
+
+
+# ---- the value, against jacrev ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "vit", "t5", "llama", "gemma", "modernbert"])
+def test_penalty_matches_jacrev_on_real_models(family):
+    model = _f64_model(family)
+    inputs = _inputs(model, family)
+    handle, captured, _ = _run(model, family, inputs)
+    expected = expected_sites(family)
+    assert [s.name for s in handle.sites] == [e.name for e in expected]
+    with torch.no_grad():
+        ours = handle.penalty()
+    per_site = handle.per_site()
+    handle.detach()  # the hooks must not run inside jacrev
+    assert ours.dtype == torch.float64
+    with torch.no_grad():
+        ref = reference_penalty(model, expected, captured, _masks(inputs))
+        assert ref > 0
+        assert abs(ours.item() - ref.item()) / ref.item() < 1e-8, (ours.item(), ref.item())
+        for site in expected:  # every site on its own, too
+            one = reference_penalty(model, [site], captured, _masks(inputs))
+            assert abs(per_site[site.name] - one.item()) / one.item() < 1e-8, site.name
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gradient_matches_jacrev_on_real_models(family):
+    model = _f64_model(family, seed=1)
+    inputs = _inputs(model, family, seed=1)
+    handle, captured, _ = _run(model, family, inputs)
+    params = [p for p in model.parameters()]
+    ours = torch.autograd.grad(handle.penalty(), params, retain_graph=True, allow_unused=True)
+    handle.detach()
+    ref = reference_penalty(model, expected_sites(family), captured, _masks(inputs))
+    expected = torch.autograd.grad(ref, params, allow_unused=True)
+    names = [n for n, _ in model.named_parameters()]
+    checked = 0
+    for name, a, b in zip(names, ours, expected):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0, name
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-12), (name, (a - b).abs().max().item(), b.abs().max().item())
+        checked += int(torch.count_nonzero(b) > 0)
+    assert checked >= 10  # the gradient reaches the feeding layers and everything below them
+
+
+# ---- masks ---------------------------------------------------------------------------------------
+
+
+def test_padding_positions_do_not_change_the_penalty():
+    model = _f64_model("bert")
+    inputs = tiny_inputs(model)
+    mask = inputs["attention_mask"]
+    assert (mask == 0).any()
+    handle = hf_dreg.attach(model)
+    with torch.no_grad():
+        model(**inputs)
+        first = handle.penalty()
+        first_unmasked = handle.penalty(attention_mask=torch.ones_like(mask))
+        changed = dict(inputs)
+        changed["input_ids"] = torch.where(mask.bool(), inputs["input_ids"], (inputs["input_ids"] + 17) % 90 + 5)
+        assert not torch.equal(changed["input_ids"], inputs["input_ids"])
+        model(**changed)
+        second = handle.penalty()
+        second_unmasked = handle.penalty(attention_mask=torch.ones_like(mask))
+    handle.detach()
+    assert torch.allclose(first, second, rtol=1e-12, atol=0), (first.item(), second.item())
+    # the padded positions did change, so the mask is what kept them out
+    assert not torch.allclose(first_unmasked, second_unmasked, rtol=1e-6, atol=0)
+    assert not torch.allclose(first, first_unmasked, rtol=1e-6, atol=0)
+
+
+def test_explicit_attention_mask_overrides_the_forward_mask():
+    family = "bert"
+    model = _f64_model(family)
+    inputs = tiny_inputs(model)
+    handle, captured, _ = _run(model, family, inputs)
+    other = torch.zeros_like(inputs["attention_mask"])
+    other[0, :2] = 1
+    other[2, 3:] = 1
+    with torch.no_grad():
+        default = handle.penalty()
+        overridden = handle.penalty(attention_mask=other)
+        ones = handle.penalty(attention_mask=torch.ones_like(other))
+    handle.detach()
+    expected = expected_sites(family)
+    with torch.no_grad():
+        ref_default = reference_penalty(model, expected, captured, {"attention_mask": inputs["attention_mask"]})
+        ref_other = reference_penalty(model, expected, captured, {"attention_mask": other})
+        ref_all = reference_penalty(model, expected, captured, {})
+    for ours, ref in ((default, ref_default), (overridden, ref_other), (ones, ref_all)):
+        assert abs(ours.item() - ref.item()) / ref.item() < 1e-8, (ours.item(), ref.item())
+    assert abs(ref_other.item() - ref_default.item()) > 1e-6 * ref_default.item()
+
+
+def test_mask_passed_positionally_is_used():
+    model = _f64_model("bert")
+    inputs = tiny_inputs(model)
+    handle = hf_dreg.attach(model)
+    with torch.no_grad():
+        model(**inputs)
+        by_keyword = handle.penalty()
+        model(inputs["input_ids"], inputs["attention_mask"])  # forward(input_ids, attention_mask, ...)
+        positional = handle.penalty()
+        model(inputs["input_ids"])  # and a later call without a mask does not reuse the old one
+        unmasked = handle.penalty()
+    handle.detach()
+    assert torch.equal(by_keyword, positional), (by_keyword.item(), positional.item())
+    assert not torch.allclose(by_keyword, unmasked, rtol=1e-6, atol=0)
+
+
+def test_no_mask_forward_counts_every_position():
+    family = "bert"
+    model = _f64_model(family)
+    inputs = tiny_inputs(model)
+    no_mask = {"input_ids": inputs["input_ids"]}
+    handle, captured, _ = _run(model, family, no_mask)
+    with torch.no_grad():
+        ours = handle.penalty()
+    handle.detach()
+    with torch.no_grad():
+        ref = reference_penalty(model, expected_sites(family), captured, {})
+    assert abs(ours.item() - ref.item()) / ref.item() < 1e-8
+
+
+def test_vit_without_mask_counts_every_position():
+    family = "vit"
+    model = _f64_model(family)
+    inputs = tiny_inputs(model)
+    handle, captured, _ = _run(model, family, inputs)
+    sums = handle.site_sums()
+    positions = inputs["pixel_values"].shape[0] * ((model.config.image_size // model.config.patch_size) ** 2 + 1)
+    assert [int(n) for _, _, n in sums] == [positions] * 2
+    with torch.no_grad():
+        ours = handle.penalty()
+    handle.detach()
+    with torch.no_grad():
+        expected = expected_sites(family)
+        per_site = [reference_per_position(model, site, captured[site.inputs[0]]) for site in expected]
+        assert all(p.numel() == positions for p in per_site)
+        ref = torch.stack([p.mean() for p in per_site]).mean()
+    assert abs(ours.item() - ref.item()) / ref.item() < 1e-8
+
+
+# ---- per_site --------------------------------------------------------------------------------------
+
+
+def test_per_site_is_keyed_by_site_and_averages_to_the_penalty():
+    model = tiny_model("t5", dtype=torch.float64).eval()
+    inputs = _inputs(model, "t5")
+    handle = hf_dreg.attach(model)
+    with torch.no_grad():
+        model(**inputs)
+        values = handle.per_site()  # before penalty(): computed now
+        total = handle.penalty()
+    assert list(values) == [s.name for s in handle.sites]
+    assert all(type(v) is float for v in values.values())
+    assert abs(sum(values.values()) / len(values) - total.item()) < 1e-12 * total.item()
+    assert handle.per_site() == values
+    # a new forward: per_site() describes it, not the previous one
+    changed = _inputs(model, "t5", seed=5)
+    with torch.no_grad():
+        model(**changed)
+        fresh = handle.per_site()
+        fresh_total = handle.penalty()
+    assert fresh != values
+    assert abs(sum(fresh.values()) / len(fresh) - fresh_total.item()) < 1e-12 * fresh_total.item()
+    handle.detach()
+
+
+# ---- reversibility ---------------------------------------------------------------------------------
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _hook_state(model):
+    return {name: {attr: dict(getattr(m, attr)) for attr in _HOOK_DICTS} for name, m in model.named_modules()}
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "llama", "modernbert"])
+def test_attach_detach_is_reversible(family):
+    model = tiny_model(family).eval()
+    inputs = _inputs(model, family)
+    with torch.no_grad():
+        before_out = model(**inputs).logits  # a first forward, so lazily added hooks of transformers exist
+        before_hooks = _hook_state(model)
+        before_state = _state(model)
+        handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"))
+        assert _same_state(before_state, _state(model))  # nothing added to the state dict
+        assert _hook_state(model) != before_hooks  # (the comparison does see our hooks)
+        attached_out = model(**inputs).logits
+        handle.penalty()
+        handle.detach()
+        assert _hook_state(model) == before_hooks
+        assert _same_state(before_state, _state(model))
+        after_out = model(**inputs).logits
+    assert torch.equal(before_out, attached_out)
+    assert torch.equal(before_out, after_out)
+
+
+def test_context_manager_detaches():
+    model = tiny_model("bert").eval()
+    inputs = tiny_inputs(model)
+    model(**inputs)
+    before_hooks = _hook_state(model)
+    with hf_dreg.attach(model) as handle:
+        model(**inputs)
+        assert handle.penalty() > 0
+    assert _hook_state(model) == before_hooks
+
+
+def test_checkpoint_saved_while_attached_loads_without_hf_dreg(tmp_path):
+    model = tiny_model("bert").eval()
+    inputs = tiny_inputs(model)
+    handle = hf_dreg.attach(model)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert handle.penalty() > 0
+    model.save_pretrained(tmp_path / "model")  # while attached
+    torch.save({"inputs": inputs, "logits": logits}, tmp_path / "expected.pt")
+    handle.detach()
+
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.extend({site_packages!r})  # the packages, without the .pth files that make hf_dreg importable
+        try:
+            import hf_dreg
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("hf_dreg is importable here: " + hf_dreg.__file__)
+        import torch
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "model")!r}).eval()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            logits = model(**expected["inputs"]).logits
+        assert type(model).__name__ == "BertForSequenceClassification", type(model)
+        assert torch.equal(logits, expected["logits"]), (logits, expected["logits"])
+        print("LOADED-OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "LOADED-OK" in result.stdout
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def test_penalty_before_any_forward_is_a_clear_error():
+    model = tiny_model("bert")
+    handle = hf_dreg.attach(model)
+    with pytest.raises(RuntimeError, match="forward"):
+        handle.penalty()
+    with pytest.raises(RuntimeError, match="forward"):
+        handle.per_site()
+    model(**tiny_inputs(model))
+    assert handle.penalty() > 0
+    handle.detach()
+    with pytest.raises(RuntimeError, match="forward"):
+        handle.penalty()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_penalty_names_the_site(value):
+    model = tiny_model("bert")
+    handle = hf_dreg.attach(model)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight[3, 5] = value
+    model(**tiny_inputs(model))
+    with pytest.raises(FloatingPointError) as info:
+        handle.penalty()
+    message = str(info.value)
+    assert "bert.encoder.layer.1.intermediate.intermediate_act_fn" in message
+    assert "bert.encoder.layer.0.intermediate.intermediate_act_fn" not in message
+    handle.detach()
+
+
+# ---- fused kernels ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fused_matches_eager(family):
+    model = tiny_model(family).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(4.0)
+    inputs = _inputs(model, family)
+    params = list(model.parameters())
+    results = []
+    for fused in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), fused=fused)
+            model(**inputs)
+            p = handle.penalty()
+            grads = torch.autograd.grad(p, params, allow_unused=True)
+        handle.detach()
+        # a fallback to eager math would make the comparison vacuous
+        assert not [w for w in caught if "fused DREG kernels unavailable" in str(w.message)], [str(w.message) for w in caught]
+        results.append((p.detach(), grads))
+    assert not penalty_module._FUSION_FAILED
+    assert any(key[0] in (penalty_module.plain_forward, penalty_module.gated_forward) for key in penalty_module._COMPILED)
+    (p0, g0), (p1, g1) = results
+    assert torch.allclose(p0, p1, rtol=1e-6, atol=0), (p0.item(), p1.item())
+    # float32 round-off, on the scale of the whole gradient (some, like BERT's key bias, are exactly 0 up to it)
+    scale = max(a.abs().max().item() for a in g0 if a is not None)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], g0, g1):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale), (name, (a - b).abs().max(), a.abs().max())
