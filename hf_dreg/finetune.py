@@ -205,9 +205,11 @@ def run_classification(
             noisy = _noisy_text(features["validation"], processor, data_args.eval_noise, seed)
         metrics.update(trainer.evaluate(noisy, metric_key_prefix="eval_noisy"))
     site_values = _per_site_values(trainer, model, features["validation"], collator, training_args)
+    ratios = [(e["step"], e["reg_grad_ratio"]) for e in trainer.state.log_history if "reg_grad_ratio" in e]
     results = {
         "metrics": metrics,
         "per_site_dreg": site_values,
+        "grad_ratios": ratios,
         "regularizer": {
             "name": training_args.regularizer,
             "reg_lambda": training_args.reg_lambda,  # the calibrated value under --dreg_lambda auto

@@ -10,13 +10,14 @@ import pandas as pd
 
 from .results_store import read_results
 
-PAIR_AXES = ("dataset", "hidden_act", "samples_per_class", "seed", "dreg_lambda", "model")
 
 
 def load_frame(path: str | Path) -> pd.DataFrame:
     """One row per finished run: its axes, accuracy (clean and noisy), macro-F1 and wall time."""
     rows = []
     for record in read_results(path):
+        if "axes" not in record:
+            continue
         metrics = record.get("metrics", {})
         row = dict(record.get("axes", {}))
         row["regularizer"] = row.get("regularizer", record.get("regularizer", {}).get("name"))
@@ -42,24 +43,29 @@ def summary_table(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -
     return table
 
 
+_NOT_AXES = ("accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell")
+
+
 def pair_axes(frame: pd.DataFrame) -> list[str]:
-    """The axes that define a paired cell: every axis but the regularizer."""
-    return [c for c in frame.columns if c in PAIR_AXES or c not in (
-        "regularizer", "accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell")]
+    """Every axis of the grid (the columns that are not results)."""
+    return [c for c in frame.columns if c not in _NOT_AXES]
 
 
-def paired(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
-    """Cells (rows) x regularizers (columns) of ``value``, only cells where every regularizer finished."""
-    axes = pair_axes(frame)
-    wide = frame.pivot_table(index=axes, columns="regularizer", values=value, aggfunc="first")
+def paired(frame: pd.DataFrame, value: str = "accuracy", axis: str = "regularizer") -> pd.DataFrame:
+    """Cells (rows) x levels of ``axis`` (columns) of ``value``, only cells where every level finished."""
+    others = [c for c in pair_axes(frame) if c != axis]
+    wide = frame.pivot_table(index=others, columns=axis, values=value, aggfunc="first")
     return wide.dropna()
 
 
-def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = "accuracy") -> pd.DataFrame:
-    """Wilcoxon signed-rank test of ``reference`` against each other regularizer, paired by cell."""
+def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = "accuracy", axis: str = "regularizer") -> pd.DataFrame:
+    """Wilcoxon signed-rank test of ``reference`` against each other level of ``axis``, paired by cell.
+
+    Positive differences mean ``reference`` scored higher.
+    """
     from scipy.stats import wilcoxon
 
-    wide = paired(frame, value)
+    wide = paired(frame, value, axis)
     rows = []
     if reference not in wide:
         return pd.DataFrame(rows)
@@ -67,8 +73,7 @@ def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = 
         if other == reference:
             continue
         diff = wide[reference] - wide[other]
-        nonzero = diff[diff != 0]
-        p = float(wilcoxon(wide[reference], wide[other]).pvalue) if len(nonzero) >= 1 else float("nan")
+        p = float(wilcoxon(wide[reference], wide[other]).pvalue) if (diff != 0).any() else float("nan")
         rows.append(
             {
                 "against": other,
@@ -81,12 +86,12 @@ def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = 
                 "p (two-sided)": p,
             }
         )
-    return pd.DataFrame(rows).set_index("against")
+    return pd.DataFrame(rows).set_index("against") if rows else pd.DataFrame(rows)
 
 
-def mean_ranks(frame: pd.DataFrame, value: str = "accuracy") -> pd.Series:
-    """Mean rank of each regularizer over paired cells (1 = best; ties share the average rank)."""
-    wide = paired(frame, value)
+def mean_ranks(frame: pd.DataFrame, value: str = "accuracy", axis: str = "regularizer") -> pd.Series:
+    """Mean rank of each level of ``axis`` over paired cells (1 = best; ties share the average rank)."""
+    wide = paired(frame, value, axis)
     return wide.rank(axis=1, ascending=False).mean().sort_values()
 
 
@@ -176,6 +181,56 @@ def _plot_per_layer(table: pd.DataFrame, folder: Path) -> str | None:
     return name
 
 
+def _plot_accuracy_vs_strength(frame, folder: Path, order: list[str], baseline: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted(frame["dataset"].unique()) if "dataset" in frame else [None]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        part = frame if dataset is None else frame[frame["dataset"] == dataset]
+        levels = [lv for lv in order if lv in set(part["strength"])]
+        means = [100 * part[part["strength"] == lv]["accuracy"].mean() for lv in levels]
+        stds = [100 * part[part["strength"] == lv]["accuracy"].std() for lv in levels]
+        ax.errorbar(range(len(levels)), means, yerr=stds, marker="o", capsize=3)
+        if baseline in levels:
+            ax.axhline(means[levels.index(baseline)], color="gray", linestyle="--", label="plain")
+        ax.set_xticks(range(len(levels)), levels, rotation=60, fontsize=7)
+        ax.set_title(str(dataset), fontsize=9)
+        ax.set_ylabel("accuracy (%)")
+    fig.suptitle("Accuracy vs DREG strength (mean ± std over seeds; dashed: plain)", fontsize=10)
+    fig.tight_layout()
+    name = "accuracy_vs_strength.png"
+    fig.savefig(folder / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") -> list[str]:
+    """Accuracy by strength per dataset, the plot, and the paired test of every strength against plain."""
+    order = list(dict.fromkeys(frame["strength"]))
+    table = summary_table(frame, ["dataset", "strength"])["mean ± std (%)"].unstack("strength")
+    table = table[[lv for lv in order if lv in table.columns]]
+    tests = wilcoxon_against(frame, reference=baseline, axis="strength")
+    lines = ["## Accuracy by DREG strength", "", _md(table), ""]
+    lines += ["## Each strength against plain (Wilcoxon signed-rank, paired by dataset and seed)", ""]
+    if not tests.empty:
+        tests = tests.rename(columns={"mean diff (pts)": "plain minus this (pts)", "wins": "plain wins", "losses": "plain losses"})
+        lines += [_md(tests), ""]
+        means = frame[frame["strength"] != baseline].groupby("strength")["accuracy"].mean()
+        best = means.idxmax()
+        row = tests.loc[best]
+        lines += [
+            f"Best strength on average: `{best}` ({100 * means[best]:.1f}%); against plain the mean difference is "
+            f"{-row['plain minus this (pts)']:+.2f} points (p = {row['p (two-sided)']:.3g}, {int(row['pairs'])} pairs).",
+            "",
+        ]
+    plot = _plot_accuracy_vs_strength(frame, folder, order, baseline)
+    return lines + [f"![{plot}]({plot})", ""]
+
+
 # ---- the report --------------------------------------------------------------------------------
 
 
@@ -200,10 +255,13 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         clean = summary_table(frame, ["regularizer"], "accuracy")["mean ± std (%)"]
         noisy = summary_table(frame, ["regularizer"], "noisy_accuracy")["mean ± std (%)"]
         sections += ["## Clean vs noisy evaluation inputs", "", _md(pd.DataFrame({"clean": clean, "noisy inputs": noisy})), ""]
-    tests = wilcoxon_against(frame)
-    sections += ["## DREG against each regularizer (Wilcoxon signed-rank, paired by cell)", "", _md(tests), ""]
-    if frame["noisy_accuracy"].notna().any():
-        sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
+    if "strength" in frame and frame["strength"].nunique() > 1:
+        sections += strength_sections(frame, folder)
+    if frame["regularizer"].nunique() > 1:
+        tests = wilcoxon_against(frame)
+        sections += ["## DREG against each regularizer (Wilcoxon signed-rank, paired by cell)", "", _md(tests), ""]
+        if frame["noisy_accuracy"].notna().any():
+            sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
     ranks = mean_ranks(frame)
     sections += ["## Mean ranks (1 = best)", "", _md(ranks.rename("mean rank").to_frame()), ""]
     plots = [

@@ -133,6 +133,7 @@ def run_cell(cell: Cell, threads: int | None = None) -> dict:
         "regularizer": result["regularizer"],
         "data": result["data"],
         "per_site_dreg": result.get("per_site_dreg", {}),
+        "grad_ratios": result.get("grad_ratios", []),
         "wall_time_s": round(time.perf_counter() - start, 2),
         "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -62,3 +62,23 @@ def test_sweep_runs_resumes_and_reports(tiny_config, tmp_path):
     text = report.read_text()
     assert "Wilcoxon" in text and "mean_ranks.png" in text
     assert (tmp_path / "report" / "mean_ranks.png").stat().st_size > 1000
+
+
+def test_report_of_a_strength_sweep_tests_every_strength_against_plain(tmp_path):
+    path = tmp_path / "lambda.jsonl"
+    for seed in range(5):
+        for dataset in ("a", "b"):
+            for strength, shift in (("0", 0.0), ("1e-2.5", 0.0), ("1e0", -0.05), ("auto@0.1", 0.02)):
+                accuracy = 0.7 + shift + 0.01 * seed + (0.001 * seed if strength == "auto@0.1" else 0)
+                append_result(path, {
+                    "cell": f"seed={seed}|dataset={dataset}|strength={strength}",
+                    "axes": {"seed": str(seed), "dataset": dataset, "strength": strength},
+                    "regularizer": {"name": "dreg"},
+                    "metrics": {"eval_accuracy": accuracy},
+                })
+    text = write_report(path, tmp_path / "report").read_text()
+    assert "Accuracy by DREG strength" in text and "accuracy_vs_strength.png" in text
+    assert "Best strength on average: `auto@0.1`" in text
+    assert "DREG against each regularizer" not in text  # one regularizer: no such test
+    tests = wilcoxon_against(load_frame(path), reference="0", axis="strength")
+    assert tests.loc["auto@0.1", "pairs"] == 10 and tests.loc["auto@0.1", "losses"] == 10
