@@ -191,6 +191,11 @@ class DREGTrainer(Trainer):
             self._metrics[mode].clear()
         super().log(logs, start_time)
 
+    def evaluation_loop(self, *args, **kwargs):
+        # eval_<penalty> is this loop's alone: predict() runs the same loop but does not log, so drop what it left
+        self._metrics["eval"].clear()
+        return super().evaluation_loop(*args, **kwargs)
+
     # ---- model card ------------------------------------------------------------------------------
 
     def create_model_card(self, *args, tags=None, **kwargs):

@@ -1,0 +1,598 @@
+"""DREGTrainer: each test checks one property of the training loop, against a reference it could miss.
+
+Tiny random models (tests/tiny_models.py) unless a pretrained one is the point; dropout is switched
+off wherever two runs are compared, and the data order is sequential.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import hf_dreg
+from ddp_worker import padded_dataset, tiny_bert
+from hf_dreg import DREGTrainer, DREGTrainingArguments
+from hf_dreg.trainer import DREG_CONFIG_NAME
+
+TESTS = Path(__file__).resolve().parent
+
+# eight examples, the first four long and the last four short: the two micro-batches of a 4 x 2
+# accumulation step have 45 and 14 valid positions, so averaging per micro-batch would be wrong.
+LENGTHS_8 = [12, 11, 10, 12, 3, 2, 4, 5]
+# DREGTrainer logs its own values (dreg, task_loss, eval_dreg, dreg/<site>) to 6 significant digits,
+# so two equal values may differ by one unit in the 6th digit once logged; the Trainer's loss is not rounded.
+LOGGED = 2e-5
+
+
+def make_args(tmp_path, **overrides) -> DREGTrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dreg_fused=False,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return DREGTrainingArguments(**kwargs)
+
+
+def sgd(**overrides) -> dict:
+    """One plain SGD step, no clipping, no schedule: the update is -lr * gradient."""
+    kwargs = dict(
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_steps=1,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+class GradCapture(TrainerCallback):
+    """The gradients the optimizer is about to apply, at every optimizer step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads.append(
+            {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        )
+
+
+def assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-5, what: str = "gradient"):
+    """Per tensor: ||a - e|| <= rtol * (||e|| + 1e-3 * ||all of e||).
+
+    The floor (relative to the whole set) absorbs gradients that are zero in exact arithmetic (the
+    key biases of attention) and are only rounding noise in both runs.
+    """
+    assert actual.keys() == expected.keys()
+    total = math.sqrt(sum(float(e.double().norm()) ** 2 for e in expected.values()))
+    assert total > 0
+    for name, e in expected.items():
+        a = actual[name]
+        err = float((a.double() - e.double()).norm())
+        bound = rtol * (float(e.double().norm()) + 1e-3 * total)
+        assert err <= bound, f"{what} of {name}: |diff| {err:.3g} > {bound:.3g} (|expected| {float(e.norm()):.3g})"
+
+
+def assert_weights_close(actual: dict, expected: dict, init: dict, rtol: float = 1e-5, what: str = "weight"):
+    """Per tensor: ||a - e|| <= rtol * (||e - init|| + 1e-3 * ||all of e - init||) + 2 eps ||e||.
+
+    Relative to the update (e - init), plus the float32 rounding of the weights themselves.
+    """
+    eps = torch.finfo(torch.float32).eps
+    updates = {n: (e.double() - init[n].double()).detach() for n, e in expected.items()}
+    total = math.sqrt(sum(float(u.detach().norm()) ** 2 for u in updates.values()))
+    assert total > 0
+    for name, e in expected.items():
+        err = float((actual[name].double() - e.double()).norm())
+        bound = rtol * (float(updates[name].norm()) + 1e-3 * total) + 2 * eps * float(e.double().norm())
+        assert err <= bound, f"{what} {name}: |diff| {err:.3g} > {bound:.3g} (|update| {float(updates[name].norm()):.3g})"
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def logs_with(trainer, key: str) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if key in entry]
+
+
+def reference_grads(model, dataset: Dataset, dreg_lambda: float) -> dict[str, torch.Tensor]:
+    """The gradient of mean CE + lambda * DREG (mean over every valid position) on the whole batch."""
+    model = copy.deepcopy(model)
+    handle = hf_dreg.attach(model)
+    batch = {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask", "labels")}
+    out = model(**batch)
+    (out.loss + dreg_lambda * handle.penalty()).backward()
+    handle.detach()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- 1. gradient accumulation -------------------------------------------------------------------
+
+
+def _one_step(tmp_path, name, model, dataset, batch, accumulation, dreg_lambda=1.0):
+    args = make_args(
+        tmp_path / name,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        dreg_lambda=dreg_lambda,
+        **sgd(),
+    )
+    trainer = DREGTrainer(model=model, args=args, train_dataset=dataset)
+    capture = GradCapture(trainer.model)
+    trainer.add_callback(capture)
+    trainer.train()
+    assert len(capture.grads) == 1
+    return trainer, capture.grads[0]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """4 x 2 accumulation with padded inputs of different lengths gives the gradient of one batch of 8."""
+    dataset = padded_dataset(LENGTHS_8)
+    init = tiny_bert()
+    expected = reference_grads(init, dataset, dreg_lambda=1.0)
+    without_dreg = reference_grads(init, dataset, dreg_lambda=0.0)
+    # the test has power: DREG moves the gradient of the MLP input layers a lot at lambda = 1
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert float((expected[name] - without_dreg[name]).norm()) > 0.5 * float(expected[name].norm())
+
+    big, big_grads = _one_step(tmp_path, "8x1", copy.deepcopy(init), dataset, batch=8, accumulation=1)
+    small, small_grads = _one_step(tmp_path, "4x2", copy.deepcopy(init), dataset, batch=4, accumulation=2)
+    assert_grads_close(big_grads, expected)
+    assert_grads_close(small_grads, expected)
+
+    # and so the same weights after the SGD step, w - lr * g
+    lr = big.args.learning_rate
+    init_weights = dict(init.named_parameters())
+    after = {n: (init_weights[n] - lr * g).detach() for n, g in expected.items()}
+    for label, trained in (("8x1", big.model), ("4x2", small.model)):
+        weights = dict(trained.named_parameters())
+        actual = {n: weights[n].detach() for n in expected}
+        assert_weights_close(actual, after, init_weights, what=f"{label}: weight")
+    # the logged loss of the step is the same too
+    assert logs_with(big, "loss")[0]["loss"] == pytest.approx(logs_with(small, "loss")[0]["loss"], rel=1e-6)
+
+
+def test_gradient_accumulation_task_loss_only(tmp_path):
+    """dreg_lambda=0: the task loss alone is also accumulated right (BERT accepts loss kwargs it ignores)."""
+    dataset = padded_dataset(LENGTHS_8)
+    init = tiny_bert()
+    expected = reference_grads(init, dataset, dreg_lambda=0.0)
+    _, grads = _one_step(tmp_path, "4x2", copy.deepcopy(init), dataset, batch=4, accumulation=2, dreg_lambda=0.0)
+    assert_grads_close(grads, expected)
+
+
+def test_last_partial_accumulation_step(tmp_path):
+    """12 examples, 4 x 2 accumulation: the second step has one micro-batch and is normalised over it alone."""
+    lengths = LENGTHS_8 + [7, 1, 12, 6]
+    dataset = padded_dataset(lengths)
+    init = tiny_bert()
+    args = make_args(
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        dreg_lambda=1.0,
+        num_train_epochs=1,
+        **sgd(max_steps=-1, learning_rate=0.0),  # lr 0: both steps see the initial weights
+    )
+    trainer = DREGTrainer(model=copy.deepcopy(init), args=args, train_dataset=dataset)
+    capture = GradCapture(trainer.model)
+    trainer.add_callback(capture)
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(capture.grads) == 2
+    assert_grads_close(capture.grads[0], reference_grads(init, dataset.select(range(8)), dreg_lambda=1.0))
+    assert_grads_close(capture.grads[1], reference_grads(init, dataset.select(range(8, 12)), dreg_lambda=1.0))
+
+
+# ---- 2. gradient checkpointing ------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
+    dataset = padded_dataset(LENGTHS_8)
+    init = tiny_bert()
+    runs = {}
+    for checkpointing in (False, True):
+        args = make_args(
+            tmp_path / str(checkpointing),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            dreg_lambda=1.0,
+            gradient_checkpointing=checkpointing,
+            **sgd(),
+        )
+        model = copy.deepcopy(init)
+        trainer = DREGTrainer(model=model, args=args, train_dataset=dataset)
+        calls = []  # counted after attach(), whose probe pass also runs the activation
+        act = model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+        act.register_forward_hook(lambda *a: calls.append(1))
+        capture = GradCapture(trainer.model)
+        trainer.add_callback(capture)
+        trainer.train()
+        # with checkpointing the layer really is recomputed in backward (the activation runs twice)
+        assert len(calls) == (4 if checkpointing else 2)
+        assert model.is_gradient_checkpointing == checkpointing
+        runs[checkpointing] = (logs_with(trainer, "loss")[0], capture.grads[0])
+    (log_off, grads_off), (log_on, grads_on) = runs[False], runs[True]
+    assert log_on["loss"] == pytest.approx(log_off["loss"], rel=1e-6)
+    assert log_on["dreg"] == pytest.approx(log_off["dreg"], rel=LOGGED)
+    assert_grads_close(grads_on, grads_off)
+    # and both are the gradient of the loss, the penalty counted once
+    assert_grads_close(grads_on, reference_grads(init, dataset, dreg_lambda=1.0))
+
+
+def test_gradient_checkpointing_args(tmp_path):
+    args = make_args(tmp_path, gradient_checkpointing=True)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    with pytest.raises(ValueError, match="use_reentrant"):
+        make_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    # without DREG there is nothing to protect: reentrant checkpointing is the user's choice
+    off = make_args(
+        tmp_path, dreg_lambda=0.0, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}
+    )
+    assert off.gradient_checkpointing_kwargs == {"use_reentrant": True}
+
+
+# ---- 3. bf16 autocast on CPU ----------------------------------------------------------------------
+
+
+def test_bf16_autocast_cpu_matches_float32(tmp_path):
+    dataset = padded_dataset(LENGTHS_8)
+    init = tiny_bert()
+    logs = {}
+    for bf16 in (False, True):
+        args = make_args(tmp_path / str(bf16), per_device_train_batch_size=8, dreg_lambda=1.0, bf16=bf16, **sgd(max_steps=2))
+        model = copy.deepcopy(init)
+        trainer = DREGTrainer(model=model, args=args, train_dataset=dataset)
+        dtypes = set()  # what the activation really computed in: autocast must be on, or this tests nothing
+        act = model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+        act.register_forward_hook(lambda module, args, out: dtypes.add(args[0].dtype))
+        trainer.train()
+        assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
+        logs[bf16] = logs_with(trainer, "dreg")
+        assert [entry["step"] for entry in logs[bf16]] == [1, 2]
+        assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["dreg"]) for entry in logs[bf16])
+        assert next(trainer.model.parameters()).dtype == torch.float32  # autocast, not a bf16 model
+    # bf16 rounding of the activations averages out over positions and units (observed: ~1e-4)
+    for full, half in zip(logs[False], logs[True]):
+        assert half["dreg"] == pytest.approx(full["dreg"], rel=0.01)
+        assert half["task_loss"] == pytest.approx(full["task_loss"], rel=0.01)
+        assert half["loss"] == pytest.approx(full["loss"], rel=0.01)
+
+
+# ---- 4. two processes ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo) x 4 examples = one process x 8: same losses, same weights."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(TESTS / "ddp_worker.py"), str(out), "4",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ddp = json.loads((out / "log_history.json").read_text())
+    assert ddp["world_size"] == 2
+
+    import ddp_worker
+
+    single, single_weights = ddp_worker.train(str(tmp_path / "single"), per_device_batch=8)
+    single_logs = logs_with(single, "loss")
+    ddp_logs = [entry for entry in ddp["log_history"] if "loss" in entry]
+    assert [e["step"] for e in ddp_logs] == [e["step"] for e in single_logs] == [1, 2]
+    for one, two in zip(single_logs, ddp_logs):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-6, abs=0)
+        assert two["task_loss"] == pytest.approx(one["task_loss"], rel=LOGGED, abs=0)
+        assert "dreg" in two
+    # the DREG share of the loss is not negligible, so a wrong normalisation would show
+    assert single_logs[0]["loss"] - single_logs[0]["task_loss"] > 1e-3
+
+    ddp_weights = torch.load(out / "weights.pt")
+    names = [n for n, _ in single.model.named_parameters()]
+    assert_weights_close(
+        {n: ddp_weights[n] for n in names}, {n: single_weights[n] for n in names}, state(tiny_bert()), what="after 2 steps:"
+    )
+
+
+# ---- 5. torch.compile ----------------------------------------------------------------------------
+
+
+def _compile_run(model, handle, batches, compiled=None):
+    fn = compiled if compiled is not None else model
+    penalties, grads = [], []
+    for batch in batches:
+        model.zero_grad()
+        out = fn(**batch)
+        penalty = handle.penalty()
+        (out.loss + penalty).backward()
+        penalties.append(penalty.detach())
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    return penalties, grads
+
+
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)  # inductor's code generation takes a minute on 2 cores; aot_eager traces the same graph
+def test_torch_compile_matches_eager(backend):
+    from tiny_models import tiny_inputs
+
+    torch._dynamo.reset()
+    eager_model = tiny_bert()
+    batches = []
+    for seed in (0, 1):  # two calls with different masks: nothing of the first call is baked in
+        batch = tiny_inputs(eager_model, batch=3, seq=6, seed=seed)
+        if seed == 1:
+            batch["attention_mask"][0, 2:] = 0
+        batch["labels"] = torch.tensor([0, 1, 2])
+        batches.append(batch)
+    compiled_model = copy.deepcopy(eager_model)
+    eager_handle = hf_dreg.attach(eager_model)
+    compiled_handle = hf_dreg.attach(compiled_model)
+    compiled = torch.compile(compiled_model, backend=backend)
+    pe, ge = _compile_run(eager_model, eager_handle, batches)
+    pc, gc = _compile_run(compiled_model, compiled_handle, batches, compiled)
+    assert pe[0] != pe[1]
+    for a, b, ga, gb in zip(pc, pe, gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+        assert_grads_close(ga, gb, what=f"compiled ({backend}) gradient")
+    torch._dynamo.reset()
+
+
+# ---- 6. resuming ---------------------------------------------------------------------------------
+
+
+def _resume_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=6,
+        learning_rate=1e-2,
+        dreg_lambda=1.0,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    kwargs.update(overrides)
+    return make_args(tmp_path, **kwargs)
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, caplog):
+    dataset = padded_dataset()  # 16 examples: 6 steps of 2 stay in one epoch
+    full = DREGTrainer(model=tiny_bert(), args=_resume_args(tmp_path), train_dataset=dataset)
+    full.train()
+    final = state(full.model)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    saved = json.loads((checkpoint / DREG_CONFIG_NAME).read_text())
+    expected_settings = {"dreg_lambda": 1.0, "dreg_activations": "gelu", "dreg_exclude_modules": None}
+    assert {k: saved.get(k, "missing") for k in expected_settings} == expected_settings
+    # hooks only: the checkpoint is a vanilla transformers checkpoint
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(checkpoint)
+
+    # a new trainer, a differently initialised model: everything comes from the checkpoint
+    with caplog.at_level(logging.WARNING, logger="hf_dreg"):
+        resumed = DREGTrainer(model=tiny_bert(seed=1), args=_resume_args(tmp_path), train_dataset=dataset)
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "Resuming" in r.getMessage()]
+    assert resumed.state.global_step == 6
+    # the log history of steps 1-3 comes back from the checkpoint; 4-6 are logged as in the full run
+    resumed_logs, full_logs = logs_with(resumed, "dreg"), logs_with(full, "dreg")
+    assert [e["step"] for e in resumed_logs] == [e["step"] for e in full_logs] == [1, 2, 3, 4, 5, 6]
+    for one, two in zip(full_logs[3:], resumed_logs[3:]):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+        assert two["dreg"] == pytest.approx(one["dreg"], rel=LOGGED)
+    for name, value in final.items():
+        torch.testing.assert_close(state(resumed.model)[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_dreg"):
+        other = DREGTrainer(
+            model=tiny_bert(), args=_resume_args(tmp_path, dreg_lambda=0.5, max_steps=3), train_dataset=dataset
+        )
+        other.train(resume_from_checkpoint=True)  # the last checkpoint, checkpoint-6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "Resuming" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "0.5" in warnings[0] and "checkpoint-6" in warnings[0]
+
+
+# ---- 7. PEFT LoRA ------------------------------------------------------------------------------
+
+
+def _lora_model(seed=0):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value", "intermediate.dense"]
+    )
+    return peft.get_peft_model(tiny_bert(seed), config)
+
+
+def test_peft_lora_trains_adapters_with_dreg(tmp_path):
+    model = _lora_model()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert base_before and lora_before
+    args = make_args(tmp_path, per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2, dreg_lambda=1.0)
+    trainer = DREGTrainer(model=model, args=args, train_dataset=padded_dataset(LENGTHS_8))
+    assert len(trainer.dreg.sites) == 2
+    for site in trainer.dreg.sites:
+        assert site.name.endswith("intermediate.intermediate_act_fn")
+        assert site.inputs[0].endswith("intermediate.dense")
+        assert site.mask_key == "attention_mask"
+    trainer.train()
+    assert logs_with(trainer, "dreg") and logs_with(trainer, "task_loss")
+    after = dict(model.named_parameters())
+    for name, value in base_before.items():
+        assert torch.equal(after[name].detach(), value), f"frozen weight {name} changed"
+    for name, value in lora_before.items():
+        assert not torch.equal(after[name].detach(), value), f"adapter weight {name} did not change"
+
+
+def test_peft_lora_penalty_reflects_the_adapters():
+    model = _lora_model()
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)  # non-zero adapters: W + B A differs from W
+    batch = padded_dataset(LENGTHS_8)[:]
+    batch = {k: torch.tensor(batch[k]) for k in ("input_ids", "attention_mask")}
+
+    handle = hf_dreg.attach(model)
+    model(**batch)
+    penalty = handle.penalty()
+    penalty.backward()
+    handle.detach()
+    grads = {n: p.grad for n, p in model.named_parameters() if "intermediate.dense.lora_" in n}
+    assert len(grads) == 4
+    for name, grad in grads.items():
+        assert grad is not None and float(grad.abs().max()) > 0, f"no DREG gradient at {name}"
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    with hf_dreg.attach(merged) as merged_handle:
+        merged(**batch)
+        expected = merged_handle.penalty()
+    torch.testing.assert_close(penalty.detach(), expected.detach(), rtol=1e-5, atol=0)
+    with model.disable_adapter(), hf_dreg.attach(model) as base_handle:
+        model(**batch)
+        base = base_handle.penalty()
+    assert abs(float(base) - float(expected)) > 1e-3 * float(expected)  # the adapters changed the penalty
+
+
+# ---- 8. the pretrained MiniLM on real data ----------------------------------------------------------
+
+
+def test_minilm_fine_tunes_on_sst2(tmp_path, minilm_path, sst2_train):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    lines = [json.loads(line) for line in sst2_train.read_text().splitlines()[:48]]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+
+    def encode(rows):
+        data = tokenizer([r["text"] for r in rows], truncation=True, max_length=64)
+        return Dataset.from_dict({**data, "labels": [r["label"] for r in rows]})
+
+    train, evaluation = encode(lines[:32]), encode(lines[32:48])
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    args = make_args(
+        tmp_path, per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=3, learning_rate=5e-5, logging_steps=1
+    )
+    trainer = DREGTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+    assert len(trainer.dreg.sites) == 6
+    trainer.train()
+    train_logs = logs_with(trainer, "loss")
+    assert [e["step"] for e in train_logs] == [1, 2, 3]
+    for entry in train_logs:
+        assert 0.1 < entry["dreg"] < 0.4, entry  # the pretrained MiniLM starts near 0.21 per site
+        assert 0.3 < entry["task_loss"] < 1.2, entry
+        assert entry["loss"] == pytest.approx(entry["task_loss"] + args.dreg_lambda * entry["dreg"], rel=LOGGED)
+
+    metrics = trainer.evaluate()
+    assert 0.1 < metrics["eval_dreg"] < 0.4
+    trainer.dreg.detach()
+    plain_args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"), report_to=[], use_cpu=True, disable_tqdm=True, per_device_eval_batch_size=8
+    )
+    plain = Trainer(model=trainer.model, args=plain_args, eval_dataset=evaluation, processing_class=tokenizer).evaluate()
+    assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+    assert "eval_dreg" not in plain
+
+
+# ---- 9. logging ------------------------------------------------------------------------------------
+
+
+def test_logging_steps_and_loss_decomposition(tmp_path):
+    args = make_args(
+        tmp_path, per_device_train_batch_size=4, max_steps=5, logging_steps=2, dreg_lambda=1.0, learning_rate=1e-2,
+        dreg_log_per_site=True,
+    )  # fmt: skip
+    trainer = DREGTrainer(model=tiny_bert(), args=args, train_dataset=padded_dataset())
+    trainer.train()
+    with_dreg = logs_with(trainer, "dreg")
+    assert [e["step"] for e in with_dreg] == [2, 4]
+    assert [e["step"] for e in logs_with(trainer, "loss")] == [2, 4]
+    assert [e["step"] for e in logs_with(trainer, "task_loss")] == [2, 4]
+    sites = [f"dreg/{site.name}" for site in trainer.dreg.sites]
+    for entry in with_dreg:
+        # one micro-batch per step: each step's loss is exactly task + lambda * DREG, so are the averages
+        assert entry["loss"] == pytest.approx(entry["task_loss"] + args.dreg_lambda * entry["dreg"], rel=LOGGED)
+        assert entry["loss"] - entry["task_loss"] > 1e-4
+        assert entry["dreg"] == pytest.approx(sum(entry[s] for s in sites) / len(sites), rel=LOGGED)
+    summary = trainer.state.log_history[-1]
+    assert "train_loss" in summary and not any(k.endswith("dreg") for k in summary)
+
+
+def test_eval_dreg_counts_only_the_evaluated_data(tmp_path):
+    """eval_dreg is the DREG of this evaluation's batches: a predict() on other data in between changes nothing."""
+    long, short = padded_dataset([12] * 8, seed=0), padded_dataset([2] * 8, seed=5)
+    args = make_args(tmp_path, per_device_eval_batch_size=4, dreg_lambda=1.0)
+    trainer = DREGTrainer(model=tiny_bert(), args=args, eval_dataset=long)
+    first = trainer.evaluate()
+    other = trainer.evaluate(eval_dataset=short)
+    assert other["eval_dreg"] != pytest.approx(first["eval_dreg"], rel=1e-3)  # the two data sets differ
+    trainer.predict(short)
+    again = trainer.evaluate()
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+    assert again["eval_dreg"] == pytest.approx(first["eval_dreg"], rel=LOGGED)
+
+
+# ---- 10. settings ----------------------------------------------------------------------------------
+
+
+def test_lambda_zero_turns_dreg_off(tmp_path):
+    args = make_args(tmp_path, per_device_train_batch_size=4, max_steps=2, dreg_lambda=0.0)
+    dataset = padded_dataset(LENGTHS_8)
+    model = tiny_bert()
+    trainer = DREGTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+    assert trainer.dreg is None
+    hooks = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not hooks
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert logs_with(trainer, "loss")
+    assert not any(k.endswith("dreg") or k.startswith("dreg") for e in trainer.state.log_history for k in e)
+    assert "eval_dreg" not in metrics
+
+
+@pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf"), -float("inf"), "abc"])
+def test_invalid_lambda_is_rejected(tmp_path, value):
+    with pytest.raises(ValueError, match="dreg_lambda"):
+        make_args(tmp_path, dreg_lambda=value)
+
+
+def test_unknown_activations_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="swish42"):
+        make_args(tmp_path, dreg_activations="swish42")
+    with pytest.raises(ValueError):
+        make_args(tmp_path, dreg_activations="gelu,swish42")
