@@ -114,14 +114,26 @@ def per_layer_dreg(frame: pd.DataFrame) -> pd.DataFrame:
 # ---- plots -------------------------------------------------------------------------------------
 
 
-def _plot_accuracy_vs_size(frame, folder: Path) -> str | None:
-    if "samples_per_class" not in frame or frame["samples_per_class"].nunique() < 2:
-        return None
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, folder: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=120)
+    _pyplot().close(fig)
+    return name
+
+
+def _plot_accuracy_vs_size(frame, folder: Path) -> str | None:
+    if "samples_per_class" not in frame or frame["samples_per_class"].nunique() < 2:
+        return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = sorted(frame["samples_per_class"].unique(), key=lambda v: float(v))
     for reg, group in frame.groupby("regularizer"):
@@ -133,40 +145,24 @@ def _plot_accuracy_vs_size(frame, folder: Path) -> str | None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs training size (mean ± std over cells)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = "accuracy_vs_samples_per_class.png"
-    fig.savefig(folder / name, dpi=120)
-    plt.close(fig)
-    return name
+    return _save(fig, folder, "accuracy_vs_samples_per_class.png")
 
 
 def _plot_ranks(ranks: pd.Series, folder: Path) -> str | None:
     if ranks.empty:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.barh(list(ranks.index)[::-1], list(ranks.values)[::-1], color="tab:blue")
     ax.set_xlabel("mean rank over paired cells (1 = best)")
     ax.set_title("Regularizer ranks")
-    fig.tight_layout()
-    name = "mean_ranks.png"
-    fig.savefig(folder / name, dpi=120)
-    plt.close(fig)
-    return name
+    return _save(fig, folder, "mean_ranks.png")
 
 
 def _plot_per_layer(table: pd.DataFrame, folder: Path) -> str | None:
     if table.empty:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for reg in table.columns:
         ax.plot(table.index, table[reg], marker="o", label=reg)
@@ -174,19 +170,11 @@ def _plot_per_layer(table: pd.DataFrame, folder: Path) -> str | None:
     ax.set_ylabel("per-site DREG value at the end of training")
     ax.set_title("Where the DREG pressure goes")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = "per_layer_dreg.png"
-    fig.savefig(folder / name, dpi=120)
-    plt.close(fig)
-    return name
+    return _save(fig, folder, "per_layer_dreg.png")
 
 
 def _plot_accuracy_vs_strength(frame, folder: Path, order: list[str], baseline: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     datasets = sorted(frame["dataset"].unique()) if "dataset" in frame else [None]
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -201,11 +189,7 @@ def _plot_accuracy_vs_strength(frame, folder: Path, order: list[str], baseline: 
         ax.set_title(str(dataset), fontsize=9)
         ax.set_ylabel("accuracy (%)")
     fig.suptitle("Accuracy vs DREG strength (mean ± std over seeds; dashed: plain)", fontsize=10)
-    fig.tight_layout()
-    name = "accuracy_vs_strength.png"
-    fig.savefig(folder / name, dpi=120)
-    plt.close(fig)
-    return name
+    return _save(fig, folder, "accuracy_vs_strength.png")
 
 
 def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") -> list[str]:
