@@ -274,7 +274,7 @@ def add_image_noise(pixel_values: torch.Tensor, std: float, generator: torch.Gen
 # ---- the embedded VADER data set -----------------------------------------------------------------
 
 VADER_LABELS = ["negative", "positive"]
-_WORD = re.compile(r"[A-Za-z]+(?:[-' ][A-Za-z]+)*")
+_WORD = re.compile(r"[A-Za-z]{2,}(?:[-' ][A-Za-z]+)*")
 
 
 def read_vader_lexicon() -> list[tuple[str, float]]:
@@ -295,16 +295,18 @@ def vader_lexicon_dataset(seed: int = 0, threshold: float = 1.5, validation_per_
     """Word-level sentiment from the human-rated VADER lexicon (Hutto & Gilbert, ICWSM 2014; MIT).
 
     Only word entries are kept: letters, optionally joined by a hyphen, apostrophe or space
-    ("cover-up", "can't stand"); emoticons and tokens with digits or symbols ("h8", ":-)") are
-    skipped. A word rated ``>= threshold`` is positive (1), ``<= -threshold`` negative (0); words in
-    between are dropped. "validation" holds ``validation_per_class`` words of each class (seeded,
-    stratified); "train" the rest, shuffled. Columns: ``text``, ``label`` (ClassLabel
-    ["negative", "positive"]) and ``rating`` (the mean human rating).
+    ("cover-up", "can't stand"), starting with two letters; emoticons and tokens with digits or
+    symbols (":-)", "x-d", "h8") are skipped. A token listed twice (a few, e.g. "lol", are rated
+    among the emoticons and again among the words) keeps its later rating. A word rated
+    ``>= threshold`` is positive (1), ``<= -threshold`` negative (0); words in between are dropped.
+    "validation" holds ``validation_per_class`` words of each class (seeded, stratified); "train"
+    the rest, shuffled. Columns: ``text``, ``label`` (ClassLabel ["negative", "positive"]) and
+    ``rating`` (the mean human rating).
     """
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0 (words rated within +-threshold are dropped), got {threshold}.")
-    words = [(token, rating) for token, rating in read_vader_lexicon() if _WORD.fullmatch(token)]
-    rows = [(token, int(rating > 0), rating) for token, rating in words if abs(rating) >= threshold]
+    words = {token: rating for token, rating in read_vader_lexicon() if _WORD.fullmatch(token)}  # last wins
+    rows = [(token, int(rating > 0), rating) for token, rating in words.items() if abs(rating) >= threshold]
     features = Features({"text": Value("string"), "label": ClassLabel(names=VADER_LABELS), "rating": Value("float32")})
     full = Dataset.from_dict(
         {"text": [r[0] for r in rows], "label": [r[1] for r in rows], "rating": [r[2] for r in rows]},
