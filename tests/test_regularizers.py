@@ -56,6 +56,49 @@ def test_igpen_equals_explicit_autograd():
     assert penalty.term.requires_grad
 
 
+@pytest.mark.parametrize("reg", ["igpen", "jacobian"])
+def test_input_penalties_train_the_token_embeddings(reg):
+    """The task loss still trains the embeddings, and the penalty's embedding gradient is its true derivative."""
+    from hf_dreg.regularizers import InputGradient, Jacobian
+
+    model = tiny_model("bert").double().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    inputs = tiny_inputs(model)
+    labels = torch.tensor([0, 2, 1])
+    args = DREGTrainingArguments(output_dir="unused", regularizer=reg, jacobian_exact=True, use_cpu=True, report_to=[])
+    regularizer = (InputGradient if reg == "igpen" else Jacobian)(model, args)
+    embedding = model.get_input_embeddings().weight
+
+    def task_loss(m, i):
+        out = m(**i, labels=labels)
+        return out.loss, out
+
+    loss, _, penalty = regularizer.compute(model, dict(inputs), task_loss, StepInfo())
+    (task_grad,) = torch.autograd.grad(loss, embedding, retain_graph=True)
+    (expected_task_grad,) = torch.autograd.grad(model(**inputs, labels=labels).loss, embedding)
+    assert torch.allclose(task_grad, expected_task_grad, rtol=1e-10, atol=1e-12)
+    (penalty_grad,) = torch.autograd.grad(penalty.term, embedding)
+    assert penalty_grad.abs().sum() > 0
+
+    direction = torch.randn(embedding.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = 1e-6
+
+    def penalty_at(shift):
+        with torch.no_grad():
+            embedding.add_(shift * direction)
+        try:
+            with torch.enable_grad():
+                return regularizer.compute(model, dict(inputs), task_loss, StepInfo())[2].term.detach()
+        finally:
+            with torch.no_grad():
+                embedding.sub_(shift * direction)
+
+    finite_difference = (penalty_at(eps) - penalty_at(-eps)) / (2 * eps)
+    assert torch.allclose((penalty_grad * direction).sum(), finite_difference, rtol=1e-6)
+
+
 def test_jacobian_exact_equals_jacrev_and_projection_is_unbiased():
     model = tiny_model("vit").double().eval()
     x = tiny_inputs(model, batch=2)["pixel_values"].requires_grad_(True)

@@ -73,14 +73,17 @@ def model_inputs_with_grad(model: nn.Module, inputs: dict) -> tuple[dict, Tensor
         inputs["pixel_values"] = x
         return inputs, x
     if "inputs_embeds" in inputs:
-        x = inputs["inputs_embeds"].detach().requires_grad_(True)
+        x = inputs["inputs_embeds"]
     elif "input_ids" in inputs:
-        x = model.get_input_embeddings()(inputs.pop("input_ids")).detach().requires_grad_(True)
+        # not detached: the task loss and the penalty must still train the token embeddings through x
+        x = model.get_input_embeddings()(inputs.pop("input_ids"))
     else:
         raise ValueError(
             f"Cannot find the model input to differentiate: expected pixel_values, input_ids or inputs_embeds "
             f"in the batch, got {sorted(inputs)}."
         )
+    if not x.requires_grad:  # frozen embeddings (PEFT) or given embeddings: differentiate w.r.t. them anyway
+        x = x.detach().requires_grad_(True)
     inputs["inputs_embeds"] = x
     return inputs, x
 
