@@ -89,6 +89,7 @@ def prepare_splits(data_args: DataArguments, seed: int) -> tuple[DatasetDict, di
     if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(evaluation):
         evaluation = evaluation.shuffle(seed=0).select(range(data_args.max_eval_samples))
     regime = {
+        "modality": "image" if input_column == data_args.image_column else "text",
         "train_examples": len(train),
         "eval_examples": len(evaluation),
         "samples_per_class": data_args.samples_per_class,

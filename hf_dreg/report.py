@@ -24,11 +24,20 @@ def load_frame(path: str | Path) -> pd.DataFrame:
         row["accuracy"] = metrics.get("eval_accuracy")
         row["macro_f1"] = metrics.get("eval_macro_f1")
         row["noisy_accuracy"] = metrics.get("eval_noisy_accuracy")
+        row["modality"] = _modality(record)
         row["wall_time_s"] = record.get("wall_time_s")
         row["per_site_dreg"] = record.get("per_site_dreg", {})
         row["cell"] = record["cell"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _modality(record: dict) -> str:
+    """text or image: recorded by run_classification; older records are told apart by their model type."""
+    recorded = record.get("data", {}).get("modality")
+    if recorded:
+        return recorded
+    return "image" if record.get("config", {}).get("model_type") in ("vit", "deit") else "text"
 
 
 def _fmt(mean, std) -> str:
@@ -43,7 +52,7 @@ def summary_table(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -
     return table
 
 
-_NOT_AXES = ("accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell")
+_NOT_AXES = ("accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell", "modality")
 
 
 def pair_axes(frame: pd.DataFrame) -> list[str]:
@@ -87,6 +96,25 @@ def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = 
             }
         )
     return pd.DataFrame(rows).set_index("against") if rows else pd.DataFrame(rows)
+
+
+def wilcoxon_by(frame: pd.DataFrame, by: str, reference: str = "dreg", value: str = "accuracy") -> pd.DataFrame:
+    """``wilcoxon_against`` within each level of ``by``: rows are levels, cells 'mean diff (p)' per regularizer."""
+    rows = {}
+    for level, part in frame.groupby(by):
+        tests = wilcoxon_against(part, reference, value)
+        if tests.empty:
+            continue
+        rows[level] = {
+            other: f"{t['mean diff (pts)']:+.2f} (p={t['p (two-sided)']:.3g}, n={int(t['pairs'])})" for other, t in tests.iterrows()
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def ranks_by(frame: pd.DataFrame, by: str, value: str = "accuracy") -> pd.DataFrame:
+    """Mean rank (1 = best) of each regularizer within each level of ``by``."""
+    rows = {level: mean_ranks(part, value) for level, part in frame.groupby(by)}
+    return pd.DataFrame.from_dict(rows, orient="index").round(2)
 
 
 def mean_ranks(frame: pd.DataFrame, value: str = "accuracy", axis: str = "regularizer") -> pd.Series:
@@ -222,6 +250,22 @@ def _md(table: pd.DataFrame) -> str:
     return table.to_markdown() if not table.empty else "_no data_"
 
 
+def _subset_sections(frame: pd.DataFrame) -> list[str]:
+    """DREG against each regularizer and the ranks within each activation, modality and training size."""
+    sections = []
+    values = [("accuracy", "clean")] + ([("noisy_accuracy", "noisy inputs")] if frame["noisy_accuracy"].notna().any() else [])
+    for axis, label in (("hidden_act", "activation"), ("modality", "modality"), ("samples_per_class", "training size")):
+        if axis not in frame or frame[axis].nunique() < 2:
+            continue
+        sections += [f"## By {label}", ""]
+        for value, regime in values:
+            tests = wilcoxon_by(frame, axis, value=value)
+            if not tests.empty:
+                sections += [f"DREG minus each regularizer, {regime} (points, Wilcoxon p, pairs):", "", _md(tests), ""]
+            sections += [f"Mean ranks, {regime}:", "", _md(ranks_by(frame, axis, value)), ""]
+    return sections
+
+
 def write_report(results: str | Path, folder: str | Path, title: str = "Sweep report") -> Path:
     """Write REPORT.md and its PNG plots into ``folder``; returns the report's path."""
     folder = Path(folder)
@@ -247,7 +291,12 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         if frame["noisy_accuracy"].notna().any():
             sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
     ranks = mean_ranks(frame)
-    sections += ["## Mean ranks (1 = best)", "", _md(ranks.rename("mean rank").to_frame()), ""]
+    rank_table = ranks.rename("clean").to_frame()
+    if frame["noisy_accuracy"].notna().any():
+        rank_table["noisy inputs"] = mean_ranks(frame, "noisy_accuracy")
+    sections += ["## Mean ranks (1 = best)", "", _md(rank_table.round(2)), ""]
+    if frame["regularizer"].nunique() > 1:
+        sections += _subset_sections(frame)
     plots = [
         _plot_accuracy_vs_size(frame, folder),
         _plot_ranks(ranks, folder),

@@ -82,3 +82,29 @@ def test_report_of_a_strength_sweep_tests_every_strength_against_plain(tmp_path)
     assert "DREG against each regularizer" not in text  # one regularizer: no such test
     tests = wilcoxon_against(load_frame(path), reference="0", axis="strength")
     assert tests.loc["auto@0.1", "pairs"] == 10 and tests.loc["auto@0.1", "losses"] == 10
+
+
+def test_report_tests_dreg_within_each_activation_and_modality(tmp_path):
+    """DREG helps under gelu only here: the per-activation table must show it, and the modality split both."""
+    from hf_dreg.report import ranks_by, wilcoxon_by
+
+    path = tmp_path / "paper.jsonl"
+    for seed in range(6):
+        for dataset, model_type in (("sst2", "bert"), ("mnist", "vit")):
+            for act in ("gelu", "relu"):
+                for reg in ("none", "dreg"):
+                    gain = 0.03 + 0.001 * seed if (reg == "dreg" and act == "gelu") else 0.0
+                    append_result(path, {
+                        "cell": f"seed={seed}|dataset={dataset}|hidden_act={act}|regularizer={reg}",
+                        "axes": {"seed": str(seed), "dataset": dataset, "hidden_act": act, "regularizer": reg},
+                        "config": {"model_type": model_type},
+                        "metrics": {"eval_accuracy": 0.6 + 0.01 * seed + gain, "eval_noisy_accuracy": 0.5 + gain},
+                    })
+    frame = load_frame(path)
+    assert sorted(frame["modality"].unique()) == ["image", "text"]
+    by_act = wilcoxon_by(frame, "hidden_act")
+    assert by_act.loc["gelu", "none"].startswith("+3.25 (p=") and by_act.loc["gelu", "none"].endswith("n=12)")
+    assert by_act.loc["relu", "none"] == "+0.00 (p=nan, n=12)"
+    assert ranks_by(frame, "hidden_act").loc["gelu", "dreg"] == 1.0
+    text = write_report(path, tmp_path / "report").read_text()
+    assert "## By activation" in text and "## By modality" in text and "Mean ranks, noisy inputs:" in text
