@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -85,6 +86,7 @@ class Contender:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss(batch).backward()
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # seven BERT-base copies must not also hold seven gradients
 
     def timed_step(self, batch: dict) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process, all threads) of one training step."""
@@ -191,7 +193,10 @@ def run_shape(shape: str, regularizers: list[str], steps: int, warmup: int, batc
     recompiled = compiled_graphs() - graphs_after_warmup
 
     saved = {c.name: saved_for_backward(c, batch) for c in contenders}
-    peak = {c.name: peak_allocated(c, batch) for c in contenders}
+    peak = {}
+    for c in contenders:
+        peak[c.name] = peak_allocated(c, batch)
+        gc.collect()  # the profiler's event lists of a BERT-base step are large
     state = {c.name: state_bytes(c) for c in contenders}
 
     def pair_median(series: dict, name: str) -> float:
@@ -305,17 +310,17 @@ def main(argv=None) -> list[dict]:
         )
         results.append(run_shape(shape, regularizers, steps, warmup, batch, seq))
         print(table(results[-1:], threads), file=sys.stderr, flush=True)
+        if args.output:  # after every shape, so a run stopped later keeps what it measured
+            meta = {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "threads": threads,
+                "regularizers": regularizers,
+            }
+            Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        gc.collect()
     print(table(results, threads))
-
-    if args.output:
-        meta = {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "threads": threads,
-            "regularizers": regularizers,
-        }
-        Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return results
 
 
