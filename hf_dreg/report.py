@@ -253,8 +253,16 @@ def _md(table: pd.DataFrame) -> str:
 def _subset_sections(frame: pd.DataFrame) -> list[str]:
     """DREG against each regularizer and the ranks within each activation, modality and training size."""
     sections = []
+    if "hidden_act" in frame and frame["hidden_act"].nunique() > 1 and frame["modality"].nunique() > 1:
+        frame = frame.assign(activation_modality=frame["hidden_act"] + " / " + frame["modality"])
     values = [("accuracy", "clean")] + ([("noisy_accuracy", "noisy inputs")] if frame["noisy_accuracy"].notna().any() else [])
-    for axis, label in (("hidden_act", "activation"), ("modality", "modality"), ("samples_per_class", "training size")):
+    axes = (
+        ("hidden_act", "activation"),
+        ("modality", "modality"),
+        ("activation_modality", "activation and modality"),
+        ("samples_per_class", "training size"),
+    )
+    for axis, label in axes:
         if axis not in frame or frame[axis].nunique() < 2:
             continue
         sections += [f"## By {label}", ""]

@@ -108,3 +108,4 @@ def test_report_tests_dreg_within_each_activation_and_modality(tmp_path):
     assert ranks_by(frame, "hidden_act").loc["gelu", "dreg"] == 1.0
     text = write_report(path, tmp_path / "report").read_text()
     assert "## By activation" in text and "## By modality" in text and "Mean ranks, noisy inputs:" in text
+    assert "## By activation and modality" in text and "| gelu / image |" in text
