@@ -206,7 +206,8 @@ def run_classification(
             noisy = _noisy_text(features["validation"], processor, data_args.eval_noise, seed)
         metrics.update(trainer.evaluate(noisy, metric_key_prefix="eval_noisy"))
     site_values = _per_site_values(trainer, model, features["validation"], collator, training_args)
-    ratios = [(e["step"], e["reg_grad_ratio"]) for e in trainer.state.log_history if "reg_grad_ratio" in e]
+    # every measurement, also those made after the last logging step (logging_steps > max_steps logs none)
+    ratios = [[step, ratio] for step, ratio in trainer.reg_grad_ratios]
     results = {
         "metrics": metrics,
         "per_site_dreg": site_values,

@@ -63,7 +63,7 @@ class DREGTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._positions: dict[str, torch.Tensor] = {}
         self.regularizer = build_regularizer(self.model, args)
-        self._ratios: list[float] = []
+        self.reg_grad_ratios: list[tuple[int, float]] = []  # (optimizer step, ratio) of every measurement
         self._warned: set[str] = set()
         self.add_callback(_SaveDREGConfig())
 
@@ -122,6 +122,7 @@ class DREGTrainer(Trainer):
         self.args.reg_lambda = strength
         self._metrics["train"]["reg_lambda"].append(torch.tensor(strength))
         self._metrics["train"]["reg_grad_ratio"].append(torch.tensor(self.args.dreg_target_ratio))
+        self.reg_grad_ratios.append((self.state.global_step, float(self.args.dreg_target_ratio)))
         logger.warning(
             f"--dreg_lambda auto: lambda = {strength:.4g} gives a gradient ratio of {self.args.dreg_target_ratio} "
             f"(||grad task|| = {float(task_norm):.4g}, ||grad R|| = {float(term_norm):.4g} on the first batch)."
@@ -141,8 +142,8 @@ class DREGTrainer(Trainer):
         task_norm, term_norm = self._gradient_norms(model, loss, term)
         ratio = float(self.args.reg_lambda) * float(term_norm) / max(float(task_norm), 1e-30)
         self._metrics["train"]["reg_grad_ratio"].append(torch.tensor(ratio))
-        self._ratios.append(ratio)
-        recent = self._ratios[-3:]
+        self.reg_grad_ratios.append((self.state.global_step, ratio))
+        recent = [r for _, r in self.reg_grad_ratios[-3:]]
         if len(recent) == 3 and max(recent) < 1e-2 and "low" not in self._warned:
             self._warned.add("low")
             logger.warning(

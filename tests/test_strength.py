@@ -94,6 +94,17 @@ def test_ratio_diagnostic_is_logged_at_its_interval_and_warns_when_negligible(tm
     assert "no measurable effect" in caplog.text
 
 
+def test_every_ratio_measurement_is_kept_even_when_no_training_log_follows_it(tmp_path):
+    """A sweep run with logging_steps > max_steps logs no training step, but must still record its ratios."""
+    trainer = _trainer(tmp_path, steps=5, dreg_lambda="auto", reg_ratio_interval=2, logging_steps=500)
+    trainer.train()
+    assert not [e for e in trainer.state.log_history if "reg_grad_ratio" in e]
+    steps = [step for step, _ in trainer.reg_grad_ratios]
+    assert steps == [0, 2, 4]  # the calibration at step 0, then measurements at steps 2 and 4
+    assert trainer.reg_grad_ratios[0][1] == pytest.approx(0.1)
+    assert all(ratio > 0 for _, ratio in trainer.reg_grad_ratios)
+
+
 def test_resume_keeps_the_calibrated_lambda(tmp_path):
     first = _trainer(tmp_path, steps=2, dreg_lambda="auto", save_strategy="steps", save_steps=1)
     first.train()
