@@ -27,6 +27,8 @@ def load_frame(path: str | Path) -> pd.DataFrame:
         row["modality"] = _modality(record)
         row["wall_time_s"] = record.get("wall_time_s")
         row["per_site_dreg"] = record.get("per_site_dreg", {})
+        row["grad_ratios"] = record.get("grad_ratios") or []
+        row["reg_lambda"] = record.get("regularizer", {}).get("reg_lambda")
         row["cell"] = record["cell"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -52,7 +54,9 @@ def summary_table(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -
     return table
 
 
-_NOT_AXES = ("accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell", "modality")
+_NOT_AXES = (
+    "accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell", "modality", "grad_ratios", "reg_lambda"
+)
 
 
 def pair_axes(frame: pd.DataFrame) -> list[str]:
@@ -183,7 +187,7 @@ def _plot_ranks(ranks: pd.Series, folder: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.barh(list(ranks.index)[::-1], list(ranks.values)[::-1], color="tab:blue")
     ax.set_xlabel("mean rank over paired cells (1 = best)")
-    ax.set_title("Regularizer ranks")
+    ax.set_title(f"Mean ranks by {ranks.index.name or 'regularizer'}")
     return _save(fig, folder, "mean_ranks.png")
 
 
@@ -234,13 +238,47 @@ def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") ->
         means = frame[frame["strength"] != baseline].groupby("strength")["accuracy"].mean()
         best = means.idxmax()
         row = tests.loc[best]
+        corrected = min(1.0, row["p (two-sided)"] * len(tests)) if np.isfinite(row["p (two-sided)"]) else float("nan")
         lines += [
             f"Best strength on average: `{best}` ({100 * means[best]:.1f}%); against plain the mean difference is "
-            f"{-row['plain minus this (pts)']:+.2f} points (p = {row['p (two-sided)']:.3g}, {int(row['pairs'])} pairs).",
+            f"{-row['plain minus this (pts)']:+.2f} points (p = {row['p (two-sided)']:.3g}, {int(row['pairs'])} pairs; "
+            f"chosen after looking at {len(tests)} strengths, so Bonferroni p = {corrected:.3g}).",
+            "",
+        ]
+    if frame["noisy_accuracy"].notna().any():
+        noisy = summary_table(frame, ["dataset", "strength"], "noisy_accuracy")["mean ± std (%)"].unstack("strength")
+        lines += ["### On noisy evaluation inputs", "", _md(noisy[[lv for lv in order if lv in noisy.columns]]), ""]
+    ratios = ratio_table(frame)
+    if not ratios.empty:
+        lines += [
+            "### Where each strength sits: gradient ratio ||grad lambda*R|| / ||grad task loss||",
+            "",
+            "Median over seeds of the ratio measured at the first step -> at the last measurement of the run "
+            "(auto: the calibrated lambda, median over seeds, in brackets).",
+            "",
+            _md(ratios[[lv for lv in order if lv in ratios.columns]]),
             "",
         ]
     plot = _plot_accuracy_vs_strength(frame, folder, order, baseline)
     return lines + [f"![{plot}]({plot})", ""]
+
+
+def ratio_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """dataset x strength: median first and last measured gradient ratio (and the lambda that auto chose)."""
+    rows = []
+    for (dataset, strength), part in frame.groupby(["dataset", "strength"]):
+        measured = [r for r in part["grad_ratios"] if r]
+        if not measured:
+            continue
+        first = np.median([r[0][1] for r in measured])
+        last = np.median([r[-1][1] for r in measured])
+        text = f"{first:.2g} -> {last:.2g}"
+        if str(strength).startswith("auto"):
+            text += f" [lambda {np.median(part['reg_lambda'].astype(float)):.3g}]"
+        rows.append({"dataset": dataset, "strength": strength, "ratio": text})
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).set_index(["dataset", "strength"])["ratio"].unstack("strength")
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -298,10 +336,11 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         sections += ["## DREG against each regularizer (Wilcoxon signed-rank, paired by cell)", "", _md(tests), ""]
         if frame["noisy_accuracy"].notna().any():
             sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
-    ranks = mean_ranks(frame)
+    rank_axis = "strength" if "strength" in frame and frame["regularizer"].nunique() == 1 else "regularizer"
+    ranks = mean_ranks(frame, axis=rank_axis)
     rank_table = ranks.rename("clean").to_frame()
     if frame["noisy_accuracy"].notna().any():
-        rank_table["noisy inputs"] = mean_ranks(frame, "noisy_accuracy")
+        rank_table["noisy inputs"] = mean_ranks(frame, "noisy_accuracy", axis=rank_axis)
     sections += ["## Mean ranks (1 = best)", "", _md(rank_table.round(2)), ""]
     if frame["regularizer"].nunique() > 1:
         sections += _subset_sections(frame)

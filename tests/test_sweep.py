@@ -73,12 +73,14 @@ def test_report_of_a_strength_sweep_tests_every_strength_against_plain(tmp_path)
                 append_result(path, {
                     "cell": f"seed={seed}|dataset={dataset}|strength={strength}",
                     "axes": {"seed": str(seed), "dataset": dataset, "strength": strength},
-                    "regularizer": {"name": "dreg"},
+                    "regularizer": {"name": "dreg", "reg_lambda": 0.2 if strength == "auto@0.1" else None},
                     "metrics": {"eval_accuracy": accuracy},
+                    "grad_ratios": {"1e0": [[0, 0.5], [20, 1.5]], "auto@0.1": [[0, 0.1], [20, 0.3]]}.get(strength, []),
                 })
     text = write_report(path, tmp_path / "report").read_text()
     assert "Accuracy by DREG strength" in text and "accuracy_vs_strength.png" in text
-    assert "Best strength on average: `auto@0.1`" in text
+    assert "Best strength on average: `auto@0.1`" in text and "Bonferroni p = " in text
+    assert "| 0.5 -> 1.5 |" in text and "0.1 -> 0.3 [lambda 0.2]" in text  # where each strength sits
     assert "DREG against each regularizer" not in text  # one regularizer: no such test
     tests = wilcoxon_against(load_frame(path), reference="0", axis="strength")
     assert tests.loc["auto@0.1", "pairs"] == 10 and tests.loc["auto@0.1", "losses"] == 10
