@@ -198,6 +198,7 @@ def _plot_per_layer(table: pd.DataFrame, folder: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for reg in table.columns:
         ax.plot(table.index, table[reg], marker="o", label=reg)
+    ax.set_xticks(list(table.index))
     ax.set_xlabel("layer")
     ax.set_ylabel("per-site DREG value at the end of training")
     ax.set_title("Where the DREG pressure goes")
