@@ -132,15 +132,15 @@ def _layer_of(site: str) -> int | None:
     return int(numbers[0]) if numbers else None
 
 
-def per_layer_dreg(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean final per-site DREG value by layer index (rows) and regularizer (columns)."""
+def per_layer_dreg(frame: pd.DataFrame, axis: str = "regularizer") -> pd.DataFrame:
+    """Mean final per-site DREG value by layer index (rows) and level of ``axis`` (columns), over data sets."""
     rows = []
     for _, run in frame.iterrows():
         for site, value in (run["per_site_dreg"] or {}).items():
-            rows.append({"regularizer": run["regularizer"], "layer": _layer_of(site), "dreg": value})
+            rows.append({axis: run[axis], "layer": _layer_of(site), "dreg": value})
     if not rows:
         return pd.DataFrame()
-    return pd.DataFrame(rows).pivot_table(index="layer", columns="regularizer", values="dreg", aggfunc="mean")
+    return pd.DataFrame(rows).pivot_table(index="layer", columns=axis, values="dreg", aggfunc="mean")
 
 
 # ---- plots -------------------------------------------------------------------------------------
@@ -348,10 +348,10 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
     plots = [
         _plot_accuracy_vs_size(frame, folder),
         _plot_ranks(ranks, folder),
-        _plot_per_layer(per_layer_dreg(frame), folder),
+        _plot_per_layer(per_layer_dreg(frame, rank_axis), folder),
     ]
     sections += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
-    layers = per_layer_dreg(frame)
+    layers = per_layer_dreg(frame, rank_axis)
     if not layers.empty:
         sections += ["## Per-layer DREG value at the end of training", "", _md(layers.round(5)), ""]
     path = folder / "REPORT.md"
