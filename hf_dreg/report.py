@@ -345,13 +345,13 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
     sections += ["## Mean ranks (1 = best)", "", _md(rank_table.round(2)), ""]
     if frame["regularizer"].nunique() > 1:
         sections += _subset_sections(frame)
+    layers = per_layer_dreg(frame, rank_axis)
     plots = [
         _plot_accuracy_vs_size(frame, folder),
         _plot_ranks(ranks, folder),
-        _plot_per_layer(per_layer_dreg(frame, rank_axis), folder),
+        _plot_per_layer(layers, folder),
     ]
     sections += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
-    layers = per_layer_dreg(frame, rank_axis)
     if not layers.empty:
         sections += ["## Per-layer DREG value at the end of training", "", _md(layers.round(5)), ""]
     path = folder / "REPORT.md"
