@@ -234,7 +234,10 @@ def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") ->
     lines = ["## Accuracy by DREG strength", "", _md(table), ""]
     lines += ["## Each strength against plain (Wilcoxon signed-rank, paired by dataset and seed)", ""]
     if not tests.empty:
-        tests = tests.rename(columns={"mean diff (pts)": "plain minus this (pts)", "wins": "plain wins", "losses": "plain losses"})
+        # the test is symmetric; the table reads from each strength's side: this minus plain
+        tests = tests.assign(**{"mean diff (pts)": -tests["mean diff (pts)"], "wins": tests["losses"], "losses": tests["wins"]})
+        tests["win rate"] = (tests["wins"] / tests["pairs"]).round(3)
+        lines += ["`mean diff` is this strength minus plain, in points: positive means the strength beat plain training.", ""]
         lines += [_md(tests), ""]
         means = frame[frame["strength"] != baseline].groupby("strength")["accuracy"].mean()
         best = means.idxmax()
@@ -242,7 +245,7 @@ def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") ->
         corrected = min(1.0, row["p (two-sided)"] * len(tests)) if np.isfinite(row["p (two-sided)"]) else float("nan")
         lines += [
             f"Best strength on average: `{best}` ({100 * means[best]:.1f}%); against plain the mean difference is "
-            f"{-row['plain minus this (pts)']:+.2f} points (p = {row['p (two-sided)']:.3g}, {int(row['pairs'])} pairs; "
+            f"{row['mean diff (pts)']:+.2f} points (p = {row['p (two-sided)']:.3g}, {int(row['pairs'])} pairs; "
             f"chosen after looking at {len(tests)} strengths, so Bonferroni p = {corrected:.3g}).",
             "",
         ]
@@ -334,7 +337,14 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         sections += strength_sections(frame, folder)
     if frame["regularizer"].nunique() > 1:
         tests = wilcoxon_against(frame)
-        sections += ["## DREG against each regularizer (Wilcoxon signed-rank, paired by cell)", "", _md(tests), ""]
+        sections += [
+            "## DREG against each regularizer (Wilcoxon signed-rank, paired by cell)",
+            "",
+            "`mean diff` is DREG minus the other regularizer, in points: positive means DREG scored higher.",
+            "",
+            _md(tests),
+            "",
+        ]
         if frame["noisy_accuracy"].notna().any():
             sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
     rank_axis = "strength" if "strength" in frame and frame["regularizer"].nunique() == 1 else "regularizer"

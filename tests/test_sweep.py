@@ -80,6 +80,9 @@ def test_report_of_a_strength_sweep_tests_every_strength_against_plain(tmp_path)
     text = write_report(path, tmp_path / "report").read_text()
     assert "Accuracy by DREG strength" in text and "accuracy_vs_strength.png" in text
     assert "Best strength on average: `auto@0.1`" in text and "Bonferroni p = " in text
+    assert "against plain the mean difference is +2.2" in text  # read from the strength's side: it beat plain
+    row_1e0 = next(line for line in text.splitlines() if line.startswith("| 1e0 "))
+    assert "-5" in row_1e0 and row_1e0.split("|")[4].strip() == "0"  # 5 points below plain, no wins over plain
     assert "| 0.5 -> 1.5 |" in text and "0.1 -> 0.3 [lambda 0.2]" in text  # where each strength sits
     assert "DREG against each regularizer" not in text  # one regularizer: no such test
     tests = wilcoxon_against(load_frame(path), reference="0", axis="strength")
