@@ -237,6 +237,7 @@ def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") ->
         # the test is symmetric; the table reads from each strength's side: this minus plain
         tests = tests.assign(**{"mean diff (pts)": -tests["mean diff (pts)"], "wins": tests["losses"], "losses": tests["wins"]})
         tests["win rate"] = (tests["wins"] / tests["pairs"]).round(3)
+        tests.index.name = "strength"
         lines += ["`mean diff` is this strength minus plain, in points: positive means the strength beat plain training.", ""]
         lines += [_md(tests), ""]
         means = frame[frame["strength"] != baseline].groupby("strength")["accuracy"].mean()
