@@ -115,6 +115,43 @@ def wilcoxon_by(frame: pd.DataFrame, by: str, reference: str = "dreg", value: st
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def advantage_growth(
+    frame: pd.DataFrame, reference: str = "dreg", value: str = "accuracy", size: str = "samples_per_class"
+) -> pd.DataFrame:
+    """Does ``reference``'s advantage over each regularizer grow as the training set shrinks?
+
+    For every pair of cells that differ only in ``size``, the advantage (reference minus the other)
+    at the smallest size minus the advantage at the largest, tested by Wilcoxon signed-rank against 0.
+    Positive growth means the advantage is larger with less data.
+    """
+    from scipy.stats import wilcoxon
+
+    wide = paired(frame, value)
+    if reference not in wide or size not in wide.index.names:
+        return pd.DataFrame()
+    levels = sorted(wide.index.get_level_values(size).unique(), key=float)
+    if len(levels) < 2:
+        return pd.DataFrame()
+    small, large = levels[0], levels[-1]
+    rows = []
+    for other in wide.columns:
+        if other == reference:
+            continue
+        by_size = (wide[reference] - wide[other]).unstack(size)[[small, large]].dropna()
+        growth = by_size[small] - by_size[large]
+        rows.append(
+            {
+                "against": other,
+                "pairs": len(growth),
+                f"advantage at {small} (pts)": round(100 * by_size[small].mean(), 2),
+                f"advantage at {large} (pts)": round(100 * by_size[large].mean(), 2),
+                "growth (pts)": round(100 * growth.mean(), 2),
+                "p (two-sided)": float(wilcoxon(growth).pvalue) if (growth != 0).any() else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows).set_index("against") if rows else pd.DataFrame()
+
+
 def ranks_by(frame: pd.DataFrame, by: str, value: str = "accuracy") -> pd.DataFrame:
     """Mean rank (1 = best) of each regularizer within each level of ``by``."""
     rows = {level: mean_ranks(part, value) for level, part in frame.groupby(by)}
@@ -314,6 +351,18 @@ def _subset_sections(frame: pd.DataFrame) -> list[str]:
             if not tests.empty:
                 sections += [f"DREG minus each regularizer, {regime} (points, Wilcoxon p, pairs):", "", _md(tests), ""]
             sections += [f"Mean ranks, {regime}:", "", _md(ranks_by(frame, axis, value)), ""]
+    if "samples_per_class" in frame and frame["samples_per_class"].nunique() > 1:
+        for value, regime in values:
+            growth = advantage_growth(frame, value=value)
+            if not growth.empty:
+                sections += [
+                    f"Does DREG's advantage grow as data shrinks? ({regime}; the advantage is DREG minus the other, "
+                    "growth is the advantage at the smallest size minus at the largest, paired by data set and seed, "
+                    "Wilcoxon signed-rank):",
+                    "",
+                    _md(growth),
+                    "",
+                ]
     return sections
 
 
