@@ -71,13 +71,18 @@ def paired(frame: pd.DataFrame, value: str = "accuracy", axis: str = "regularize
     return wide.dropna()
 
 
+def _signed_rank_p(diff: pd.Series) -> float:
+    """Two-sided Wilcoxon signed-rank p of paired differences; nan when every pair ties (no test possible)."""
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(diff).pvalue) if (diff != 0).any() else float("nan")
+
+
 def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = "accuracy", axis: str = "regularizer") -> pd.DataFrame:
     """Wilcoxon signed-rank test of ``reference`` against each other level of ``axis``, paired by cell.
 
     Positive differences mean ``reference`` scored higher.
     """
-    from scipy.stats import wilcoxon
-
     wide = paired(frame, value, axis)
     rows = []
     if reference not in wide:
@@ -86,7 +91,6 @@ def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = 
         if other == reference:
             continue
         diff = wide[reference] - wide[other]
-        p = float(wilcoxon(wide[reference], wide[other]).pvalue) if (diff != 0).any() else float("nan")
         rows.append(
             {
                 "against": other,
@@ -96,7 +100,7 @@ def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = 
                 "ties": int((diff == 0).sum()),
                 "losses": int((diff < 0).sum()),
                 "win rate": round(float((diff > 0).mean()), 3),
-                "p (two-sided)": p,
+                "p (two-sided)": _signed_rank_p(diff),
             }
         )
     return pd.DataFrame(rows).set_index("against") if rows else pd.DataFrame(rows)
@@ -124,8 +128,6 @@ def advantage_growth(
     at the smallest size minus the advantage at the largest, tested by Wilcoxon signed-rank against 0.
     Positive growth means the advantage is larger with less data.
     """
-    from scipy.stats import wilcoxon
-
     wide = paired(frame, value)
     if reference not in wide or size not in wide.index.names:
         return pd.DataFrame()
@@ -146,7 +148,7 @@ def advantage_growth(
                 f"advantage at {small} (pts)": round(100 * by_size[small].mean(), 2),
                 f"advantage at {large} (pts)": round(100 * by_size[large].mean(), 2),
                 "growth (pts)": round(100 * growth.mean(), 2),
-                "p (two-sided)": float(wilcoxon(growth).pvalue) if (growth != 0).any() else float("nan"),
+                "p (two-sided)": _signed_rank_p(growth),
             }
         )
     return pd.DataFrame(rows).set_index("against") if rows else pd.DataFrame()
