@@ -2,8 +2,9 @@
 
 from .attach import DREGHandle, attach
 from .args import DREGTrainingArguments
+from .config import DREGConfig
 from .sites import Site, find_sites
-from .trainer import DREGTrainer
+from .trainer import DREGTrainer, with_dreg
 
-__all__ = ["attach", "find_sites", "DREGHandle", "Site", "DREGTrainer", "DREGTrainingArguments"]
+__all__ = ["attach", "find_sites", "DREGHandle", "Site", "DREGConfig", "with_dreg", "DREGTrainer", "DREGTrainingArguments"]
 __version__ = "0.1.0"

@@ -1,180 +1,54 @@
-"""DREGTrainingArguments: TrainingArguments plus the regularizer flags (usable with HfArgumentParser)."""
+"""DREGTrainingArguments: TrainingArguments plus the fields of DREGConfig (usable with HfArgumentParser)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
-from .activations import resolve_families
-
-DEFAULT_DREG_LAMBDA = 10**-2.5
-DEFAULT_TARGET_RATIO = 0.1
-AUTO = "auto"
-REGULARIZERS = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
-# documented default strength of each regularizer (dreg's is dreg_lambda: one source of truth)
-DEFAULT_REG_LAMBDA = {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01}
+from .config import (  # noqa: F401  (re-exported: the names scripts and tests import from here)
+    AUTO,
+    DEFAULT_DREG_LAMBDA,
+    DEFAULT_REG_LAMBDA,
+    DEFAULT_TARGET_RATIO,
+    REGULARIZERS,
+    DREGConfig,
+    float_or_auto,
+)
 
 
 @dataclass
-class DREGTrainingArguments(TrainingArguments):
+class DREGTrainingArguments(DREGConfig, TrainingArguments):
     """TrainingArguments with the study's regularizers: ``loss = task_loss + reg_lambda * penalty``.
 
-    With the default ``regularizer="dreg"``, ``reg_lambda`` is ``dreg_lambda``.
+    Every field of :class:`~hf_dreg.DREGConfig` is a flag here; with the default
+    ``regularizer="dreg"``, ``reg_lambda`` is ``dreg_lambda``.
     """
 
-    dreg_lambda: float_or_auto = field(
-        default=DEFAULT_DREG_LAMBDA,
-        metadata={
-            "help": "Strength of the DREG penalty (default 10**-2.5 = 0.00316, the seed study's; on the models we "
-            "measured it has no measurable effect, and no strength beat plain training: README 'Results'); 0 turns "
-            "DREG off; 'auto' calibrates it on the first batch so that ||grad lambda*R|| / ||grad task loss|| = "
-            "dreg_target_ratio."
-        },
-    )
-    dreg_target_ratio: float = field(
-        default=DEFAULT_TARGET_RATIO,
-        metadata={"help": "With --dreg_lambda auto: the gradient ratio lambda is calibrated to (default 0.1)."},
-    )
-    dreg_activations: str = field(
-        default="gelu",
-        metadata={
-            "help": "Which MLP activations are DREG sites: 'gelu' (the GELU family), 'all' (every supported one), "
-            "or 'silu', 'relu', 'tanh' (comma-separated for several)."
-        },
-    )
-    dreg_exclude_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Activation module paths (or '.suffix') to leave out of DREG."},
-    )
-    dreg_fused: bool = field(
-        default=True,
-        metadata={"help": "Fuse the penalty's elementwise math into one kernel per pass with torch.compile."},
-    )
-    dreg_log_per_site: bool = field(
-        default=False,
-        metadata={"help": "Also log the DREG value of every site (as dreg/<site>) at each logging step."},
-    )
-    regularizer: str = field(
-        default="dreg",
-        metadata={"help": f"Which regularizer to train with: {', '.join(REGULARIZERS)}.", "choices": list(REGULARIZERS)},
-    )
-    reg_lambda: float | None = field(
-        default=None,
-        metadata={
-            "help": "Strength of the regularizer. Defaults: dreg = dreg_lambda, weight_decay 0.01 (the AdamW decay), "
-            "spectral_norm 0.01, igpen 0.01, jacobian 0.01."
-        },
-    )
-    spectral_mode: str = field(
-        default="penalty",
-        metadata={
-            "help": "spectral_norm: 'penalty' (sum of squared top singular values) or 'normalize' (hard spectral "
-            "normalization; from scratch only, refused on a pretrained checkpoint).",
-            "choices": ["penalty", "normalize"],
-        },
-    )
-    spectral_power_iterations: int = field(default=1, metadata={"help": "spectral_norm: power steps per training step."})
-    jacobian_n_proj: int = field(default=1, metadata={"help": "jacobian: random projections per example."})
-    jacobian_exact: bool = field(default=False, metadata={"help": "jacobian: exact Frobenius norm (one pass per logit)."})
-    reg_ratio_interval: int = field(
-        default=0,
-        metadata={
-            "help": "Every N optimizer steps, log reg_grad_ratio = ||grad reg_lambda*penalty|| / ||grad task loss|| "
-            "over the trainable parameters, measured on one micro-batch (two extra backward passes of it: about "
-            "2/N of a step). 0 = off. Warns when it stays below 1e-2 (no measurable effect) or above 1."
-        },
-    )
-
     def __post_init__(self):
-        super().__post_init__()
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"Unknown regularizer {self.regularizer!r}: choose one of {', '.join(REGULARIZERS)}.")
-        if self.dreg_lambda != AUTO:
-            _check_strength("dreg_lambda", self.dreg_lambda)
-        if not (math.isfinite(self.dreg_target_ratio) and self.dreg_target_ratio > 0):
-            raise ValueError(f"dreg_target_ratio must be a finite number > 0, got {self.dreg_target_ratio!r}.")
-        if self.reg_ratio_interval < 0:
-            raise ValueError(f"reg_ratio_interval must be >= 0 (0 = off), got {self.reg_ratio_interval}.")
-        if self.reg_lambda is not None:
-            _check_strength("reg_lambda", self.reg_lambda)
-        self._resolve_strength()
-        resolve_families(self.dreg_activation_list)  # fails early with the list of valid choices
-        if self.jacobian_n_proj < 1 or self.spectral_power_iterations < 1:
-            raise ValueError("jacobian_n_proj and spectral_power_iterations must be >= 1.")
-        if self.gradient_checkpointing and self.regularizer == "dreg" and self.dreg_lambda != 0:
-            kwargs = dict(self.gradient_checkpointing_kwargs or {})
-            if kwargs.get("use_reentrant", False):
-                raise ValueError(
-                    "DREG needs non-reentrant gradient checkpointing (reentrant checkpointing runs the forward "
-                    "without autograd, so the penalty would get no gradient). "
-                    "Set gradient_checkpointing_kwargs={'use_reentrant': False}."
-                )
-            kwargs["use_reentrant"] = False
-            self.gradient_checkpointing_kwargs = kwargs
-
-    def _resolve_strength(self) -> None:
-        """One source of truth: reg_lambda is dreg_lambda for DREG, and weight_decay for weight decay."""
-        if self.regularizer == "dreg":
-            if self.dreg_lambda == AUTO:
-                if self.reg_lambda is not None and self.reg_lambda != AUTO:
-                    raise ValueError("dreg_lambda='auto' calibrates the strength: do not pass reg_lambda as well.")
-                self.reg_lambda = AUTO  # replaced by the calibrated value on the first batch
-                return
-            if self.reg_lambda is not None and self.reg_lambda != self.dreg_lambda:
-                if self.dreg_lambda != DEFAULT_DREG_LAMBDA:
-                    raise ValueError(
-                        f"reg_lambda={self.reg_lambda} and dreg_lambda={self.dreg_lambda} disagree; for "
-                        "regularizer='dreg' they are the same strength: pass only one."
-                    )
-                self.dreg_lambda = self.reg_lambda
-            self.reg_lambda = self.dreg_lambda
-            return
-        if self.reg_lambda is None:
-            self.reg_lambda = DEFAULT_REG_LAMBDA[self.regularizer]
-        if self.regularizer == "weight_decay":
-            if self.weight_decay not in (0.0, self.reg_lambda):
-                raise ValueError(
-                    f"weight_decay={self.weight_decay} and reg_lambda={self.reg_lambda} disagree; for "
-                    "regularizer='weight_decay' reg_lambda is the AdamW decay: pass only reg_lambda."
-                )
-            self.weight_decay = self.reg_lambda
-
-    @property
-    def dreg_activation_list(self):
-        value = self.dreg_activations
-        return value.split(",") if isinstance(value, str) and "," in value else value
-
-    def dreg_config_dict(self) -> dict:
-        """The settings that define a run's penalty (saved beside every checkpoint)."""
-        config = {"regularizer": self.regularizer, "reg_lambda": self.reg_lambda}
-        if self.regularizer in ("dreg", "spectral_norm"):
-            config.update(dreg_activations=self.dreg_activations, dreg_exclude_modules=self.dreg_exclude_modules)
-        if self.regularizer == "dreg":
-            config["dreg_lambda"] = self.dreg_lambda
-            if self.dreg_lambda == AUTO:
-                config["dreg_target_ratio"] = self.dreg_target_ratio
-        if self.regularizer == "spectral_norm":
-            config.update(spectral_mode=self.spectral_mode, spectral_power_iterations=self.spectral_power_iterations)
-        if self.regularizer == "jacobian":
-            config.update(jacobian_n_proj=self.jacobian_n_proj, jacobian_exact=self.jacobian_exact)
-        return config
+        TrainingArguments.__post_init__(self)
+        self.check_dreg_settings()
+        self.weight_decay = self.resolve_weight_decay(self.weight_decay)
+        require_non_reentrant_checkpointing(self, self)
 
 
-def float_or_auto(text):
-    """The argparse type of ``--dreg_lambda``: a number, or 'auto'."""
-    if isinstance(text, str) and text.strip().lower() == AUTO:
-        return AUTO
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"dreg_lambda must be a number or 'auto', got {text!r}.") from None
+def require_non_reentrant_checkpointing(args: TrainingArguments, config: DREGConfig) -> None:
+    """DREG's penalty needs autograd in the forward: force non-reentrant checkpointing, refuse reentrant.
 
-
-def _check_strength(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    transformers 5 names it ``activation_checkpointing`` (``gradient_checkpointing`` is its alias); both are set.
+    """
+    enabled = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+    if not (enabled and config.regularizer == "dreg" and config.dreg_lambda != 0):
+        return
+    current = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None)
+    kwargs = dict(current or {})
+    if kwargs.get("use_reentrant", False):
         raise ValueError(
-            f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value!r}. "
-            f"The DREG default is 10**-2.5 = {DEFAULT_DREG_LAMBDA:.6g}."
+            "DREG needs non-reentrant gradient checkpointing (reentrant checkpointing runs the forward "
+            "without autograd, so the penalty would get no gradient). "
+            "Set gradient_checkpointing_kwargs={'use_reentrant': False}."
         )
+    kwargs["use_reentrant"] = False
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        if hasattr(args, name):
+            setattr(args, name, dict(kwargs))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +21,25 @@ from torch import Tensor, nn
 from .activations import spec_for
 from .layers import weight_rows
 from .penalty import gated_site_penalty, plain_site_penalty, row_dots, row_stats
-from .sites import FUSED_GATED, PLAIN, Site, find_sites
+from .positions import MASK_KEYS as _MASK_KEYS
+from .positions import position_masks
+from .sites import PLAIN, Site, find_sites
 
-_MASK_KEYS = ("attention_mask", "decoder_attention_mask")
+# model -> its attached handle: a model carries at most one DREG attachment at a time
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DREGHandle]" = weakref.WeakKeyDictionary()
+
+
+def attached_handle(model: nn.Module) -> "DREGHandle | None":
+    """The DREGHandle attached to ``model`` (or to one of its submodules' sites), if any."""
+    for module in model.modules():
+        handle = _ATTACHED.get(module)
+        if handle is not None:
+            return handle
+    return None
+
+
+class PositionMismatchError(ValueError):
+    """A site's positions do not match the mask of the batch (virtual tokens, a custom mask)."""
 
 
 class _Pieces:
@@ -47,6 +63,13 @@ class DREGHandle:
     """The attached penalty: ``penalty()`` after a forward, ``per_site()``, ``detach()``."""
 
     def __init__(self, model: nn.Module, sites: list[Site], fused: bool = False):
+        existing = attached_handle(model)
+        if existing is not None:
+            raise RuntimeError(
+                f"{type(model).__name__} already has DREG attached ({existing}). Detach it first with "
+                "handle.detach() on the handle attach() returned (or hf_dreg.attach.attached_handle(model).detach()); "
+                "a DREG trainer attaches its own during train(), evaluate() and predict() and detaches it afterwards."
+            )
         self.model = model
         self.sites = sites
         self.fused = fused
@@ -71,6 +94,12 @@ class DREGHandle:
         except (TypeError, ValueError):
             self._signature = None
         self._hooks.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        _ATTACHED[model] = self
+
+    @property
+    def attached(self) -> bool:
+        """False once ``detach()`` has run."""
+        return bool(self._hooks)
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -83,7 +112,7 @@ class DREGHandle:
                 kwargs = {**self._signature.bind_partial(*args).arguments, **kwargs}
             except TypeError:
                 pass
-        self._masks = {k: kwargs[k] for k in _MASK_KEYS if isinstance(kwargs.get(k), Tensor)}
+        self._masks = position_masks(kwargs)
 
     def _layer_hook(self, entries):
         def hook(module, args, output):
@@ -125,14 +154,17 @@ class DREGHandle:
 
     # ---- reading the penalty --------------------------------------------------------------------
 
-    def site_sums(self, attention_mask: Tensor | None = None) -> list[tuple[Site, Tensor, Tensor]]:
+    def site_sums(self, attention_mask: Tensor | None = None, masks: dict[str, Tensor] | None = None) -> list[tuple[Site, Tensor, Tensor]]:
         """(site, sum of p over valid positions, number of valid positions) for the last forward.
 
+        The valid positions are those of ``masks`` (``hf_dreg.positions.position_masks`` of the batch;
+        by default those of the inputs the model was called with), with ``attention_mask`` overriding
+        that key. A mask whose shape is not the site's positions is an error, never silently ignored.
         Stops recording, so that layers recomputed by gradient checkpointing during backward are
         not counted twice; the next forward of the model starts a new record.
         """
         self._recording = False
-        masks = dict(self._masks)
+        masks = dict(self._masks if masks is None else masks)
         if attention_mask is not None:
             masks["attention_mask"] = attention_mask
         out = []
@@ -141,11 +173,18 @@ class DREGHandle:
             if p is None:
                 continue
             mask = masks.get(site.mask_key) if site.mask_key else None
-            if mask is not None and tuple(mask.shape) == tuple(p.shape):
-                weights = mask.to(p.dtype)
-                out.append((site, (p * weights).sum(), weights.sum()))
-            else:
+            if mask is None:
                 out.append((site, p.sum(), torch.tensor(float(p.numel()), dtype=p.dtype, device=p.device)))
+                continue
+            if tuple(mask.shape) != tuple(p.shape):
+                raise PositionMismatchError(
+                    f"DREG site {site.name!r} computed {tuple(p.shape)} positions, but the batch's {site.mask_key} "
+                    f"has shape {tuple(mask.shape)}. The model adds or drops positions the mask does not describe "
+                    "(PEFT prompt/prefix tuning's virtual tokens, a custom 4-D mask): DREG cannot tell padding from "
+                    "tokens there. Use LoRA instead of prompt tuning, or pass a 2-D mask of the positions the model computes."
+                )
+            weights = mask.to(p.dtype)
+            out.append((site, (p * weights).sum(), weights.sum()))
         return out
 
     def penalty(self, attention_mask: Tensor | None = None) -> Tensor:
@@ -183,6 +222,9 @@ class DREGHandle:
         self._records = {}
         self._masks = {}
         self._last = {}
+        self._pieces = {site.name: _Pieces() for site in self.sites}
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
 
     def __enter__(self):
         return self

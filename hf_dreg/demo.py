@@ -103,7 +103,7 @@ def run_one(demo: DemoArguments, seed: int, dreg_lambda: float, name: str, data,
     # Both models are scored the same way, with DREG attached to measure the penalty R on the
     # held-out words (R does not depend on lambda): the plain model gets an evaluation-only trainer.
     scorer = trainer
-    if trainer.dreg is None:
+    if not trainer.dreg_sites:
         scorer = DREGTrainer(model=model, args=training_args(demo, seed, DEFAULT_DREG_LAMBDA, name), **common)
         scorer.remove_callback(PrinterCallback)
     metrics = scorer.evaluate()

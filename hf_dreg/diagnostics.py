@@ -14,7 +14,7 @@ def per_site_dreg(model, batches, handle=None, activations="gelu", exclude_modul
     Uses ``handle`` if given, else attaches a temporary one (so it also measures models trained
     without DREG) and detaches it afterwards.
     """
-    own = handle is None
+    own = handle is None or not handle.attached
     if own:
         handle = attach(model, activations=activations, exclude_modules=exclude_modules)
     sums: dict[str, list[float]] = {}

@@ -148,7 +148,7 @@ def _per_site_values(trainer, model, dataset, collator, training_args, max_batch
     loader = torch.utils.data.DataLoader(dataset, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
     batches = itertools.islice(loader, max_batches)
     try:
-        return per_site_dreg(model, batches, handle=trainer.dreg, activations=training_args.dreg_activation_list,
+        return per_site_dreg(model, batches, activations=training_args.dreg_activation_list,
                              exclude_modules=training_args.dreg_exclude_modules)
     except NoSitesError:
         return {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def dreg_card_section(trainer) -> str:
-    args = trainer.args
+    args = trainer.dreg_config
     lines = ["", "## Regularization (hf_dreg)", ""]
     lines.append(f"- regularizer: `{args.regularizer}`")
     strength = f"{args.reg_lambda:.6g}" if isinstance(args.reg_lambda, float) else str(args.reg_lambda)
@@ -14,10 +14,10 @@ def dreg_card_section(trainer) -> str:
     for key, value in trainer.regularizer.describe().items():
         if key != "layers":
             lines.append(f"- {key}: `{value}`")
-    handle = trainer.dreg
-    if handle is not None:
-        lines += ["", f"DREG sites ({len(handle.sites)}):", "", "| site | kind | activation | feeding layer(s) |", "| --- | --- | --- | --- |"]
-        lines += [f"| `{s.name}` | {s.kind} | {s.activation} | {', '.join(f'`{p}`' for p in s.inputs)} |" for s in handle.sites]
+    sites = trainer.dreg_sites
+    if sites:
+        lines += ["", f"DREG sites ({len(sites)}):", "", "| site | kind | activation | feeding layer(s) |", "| --- | --- | --- | --- |"]
+        lines += [f"| `{s.name}` | {s.kind} | {s.activation} | {', '.join(f'`{p}`' for p in s.inputs)} |" for s in sites]
     info = getattr(trainer, "run_info", {}) or {}
     if info.get("model"):
         lines += ["", f"Model: `{info['model']}`"]

@@ -1,105 +1,264 @@
-"""DREGTrainer: the transformers Trainer with ``reg_lambda * penalty`` added to the task loss.
+"""DREG in any transformers Trainer: ``with_dreg(cls)`` and ``DREGTrainer``.
 
-The penalty comes from the regularizer chosen by ``args.regularizer`` (DREG by default). DREG is
-normalised over the whole optimizer step: the valid positions of every micro-batch of a
-gradient-accumulation step, on every process, are counted before the step (like the Trainer's
-``num_items_in_batch``), so 2 x 4 accumulation and 2 processes give the gradients of one batch of 8.
-The model's own loss keeps the Trainer's convention (``model_accepts_loss_kwargs = False``: a
-per-batch mean divided by the accumulation steps), which is also what makes a model that accepts
-loss kwargs but ignores them (BERT) train on the right loss.
+``with_dreg(SFTTrainer)`` (or ``Seq2SeqTrainer``, ``Trainer``, any subclass) is a subclass of the
+given trainer that takes ``dreg_config=DREGConfig(...)`` and adds ``reg_lambda * penalty`` to the
+loss its base class computes. ``DREGTrainer`` is ``with_dreg(Trainer)`` reading the settings from
+``DREGTrainingArguments``.
+
+Exactness (README "Correct under"):
+
+- DREG is normalised over the whole optimizer step: the valid positions of every micro-batch, on
+  every process, are counted before the step from the batches the Trainer really built
+  (:mod:`hf_dreg.positions`), so accumulation and several processes give the gradients of one batch.
+- The task loss is the base class's. The only change: a model that accepts loss kwargs but ignores
+  ``num_items_in_batch`` (BERT classifiers, T5 and BART in transformers 5) is found on the first
+  batch by asking it (two no-grad forwards) and trained on per-batch means like a model without loss
+  kwargs; with the plain Trainer it trains on ``accumulation steps`` (or ``processes``) times the loss.
+- Hooks are on the model only during ``train``, ``evaluate``, ``predict`` (and a direct
+  ``compute_loss``): the user's model computes nothing extra outside them.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import inspect
 import os
-from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .args import AUTO, DREGTrainingArguments
-from .attach import _MASK_KEYS
+from .args import DREGTrainingArguments, require_non_reentrant_checkpointing
+from .attach import check_finite
+from .config import AUTO, CONFIG_NAME, DREGConfig
 from .diagnostics import gradient_norms
 from .model_card import dreg_card_section
+from .positions import count_positions, position_masks
 from .regularizers import DREG, StepInfo, build_regularizer
 
 logger = logging.get_logger(__name__)
 
-DREG_CONFIG_NAME = "dreg_config.json"
+DREG_CONFIG_NAME = CONFIG_NAME
+_WRAPPED: dict[type, type] = {}
 
 
-class _SaveDREGConfig(TrainerCallback):
-    """Writes the regularizer settings beside every checkpoint, so a resumed run can check they match."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                with open(os.path.join(folder, DREG_CONFIG_NAME), "w") as f:
-                    json.dump(args.dreg_config_dict(), f, indent=2)
+def _float_metric(values: list) -> torch.Tensor:
+    return torch.stack([v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for v in values]).mean()
 
 
-class DREGTrainer(Trainer):
-    """A Trainer that adds ``args.reg_lambda * penalty`` to the loss and logs the penalty and ``task_loss``.
+class DREGTrainerMixin:
+    """What ``with_dreg`` adds to a Trainer class. Use ``with_dreg(cls)``, not this class directly."""
 
-    The penalty is logged under the regularizer's name (``dreg``, ``spectral_norm``, ``igpen``,
-    ``jacobian``; ``weight_decay`` logs the squared norm of the decayed weights); evaluation logs
-    ``eval_<name>`` while ``eval_loss`` stays the task loss.
-    """
-
-    def __init__(self, model=None, args: DREGTrainingArguments | None = None, *positional, **kwargs):
-        if args is None:
-            args = DREGTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, DREGTrainingArguments):
-            raise TypeError(
-                f"DREGTrainer needs DREGTrainingArguments, got {type(args).__name__}: "
-                "build them with DREGTrainingArguments(...) or HfArgumentParser(DREGTrainingArguments)."
-            )
-        super().__init__(model, args, *positional, **kwargs)
-        self.model_accepts_loss_kwargs = False
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    def __init__(self, *args, dreg_config: DREGConfig | None = None, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if isinstance(training_args, DREGConfig):
+            if dreg_config is not None and dreg_config is not training_args:
+                raise ValueError(
+                    f"{type(training_args).__name__} already holds the DREG settings: pass them there or as "
+                    "dreg_config=, not both."
+                )
+            dreg_config = training_args
+        elif dreg_config is None:
+            dreg_config = DREGConfig()
+        elif not isinstance(dreg_config, DREGConfig):
+            raise TypeError(f"dreg_config must be a hf_dreg.DREGConfig, got {type(dreg_config).__name__}.")
+        self.dreg_config = dreg_config
+        if training_args is not None:
+            self._apply_dreg_to_args(training_args)
+        self._dreg_depth = 0
+        self._dreg_metrics = {"train": {}, "eval": {}}
         self._positions: dict[str, torch.Tensor] = {}
-        self.regularizer = build_regularizer(self.model, args)
+        self._loss_kwargs_decided = False
         self.reg_grad_ratios: list[tuple[int, float]] = []  # (optimizer step, ratio) of every measurement
         self._warned: set[str] = set()
-        self.add_callback(_SaveDREGConfig())
+        self.regularizer = None
+        super().__init__(*args, **kwargs)
+        self._apply_dreg_to_args(self.args)  # the base class may have built its own default arguments
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"DREG does not support nn.DataParallel (this process sees {self.args.n_gpu} GPUs): the replicas would "
+                "share one record of the penalty. Launch one process per GPU with `torchrun` or `accelerate launch` "
+                "(DistributedDataParallel), or set CUDA_VISIBLE_DEVICES to one GPU."
+            )
+        self._build_regularizer(self.model)
+
+    # ---- settings ---------------------------------------------------------------------------------
+
+    def _apply_dreg_to_args(self, args) -> None:
+        args.weight_decay = self.dreg_config.resolve_weight_decay(args.weight_decay)
+        require_non_reentrant_checkpointing(args, self.dreg_config)
 
     @property
     def dreg(self):
-        """The attached DREG handle (sites, per_site values), or None when DREG is not the regularizer."""
-        return self.regularizer.handle if isinstance(self.regularizer, DREG) else None
+        """The DREG handle while it is attached (inside train/evaluate/predict), else None."""
+        regularizer = getattr(self, "regularizer", None)
+        return regularizer.handle if isinstance(regularizer, DREG) else None
 
-    # ---- the loss -------------------------------------------------------------------------------
+    @property
+    def dreg_sites(self):
+        """The DREG sites of the model (empty when DREG is not the regularizer)."""
+        return list(self.regularizer.sites) if isinstance(self.regularizer, DREG) else []
+
+    def _build_regularizer(self, model) -> None:
+        if getattr(self, "regularizer", None) is not None:
+            self.regularizer.deactivate()
+        self.regularizer = build_regularizer(model, self.dreg_config, seed=self.args.seed)
+        self._regularizer_model = model
+
+    # ---- lifecycle: hooks only inside the trainer's loops ----------------------------------------
+
+    @contextlib.contextmanager
+    def _dreg_attached(self):
+        self._dreg_depth += 1
+        try:
+            if self._dreg_depth == 1:
+                if self._regularizer_model is not self.model:
+                    self._build_regularizer(self.model)
+                self.regularizer.activate(self.model)
+            yield
+        finally:
+            self._dreg_depth -= 1
+            if self._dreg_depth == 0:
+                self.regularizer.deactivate()
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            self._check_resumed_settings(checkpoint)
+        self._loss_kwargs_decided = False
+        with self._dreg_attached():
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._dreg_attached():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._dreg_attached():
+            return super().predict(*args, **kwargs)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if getattr(self, "regularizer", None) is not None:  # train() rebuilt the model: sites of the new one
+            attached = self._dreg_depth > 0
+            self._build_regularizer(model)
+            if attached:
+                self.regularizer.activate(model)
+        return model
+
+    def _hp_search_setup(self, trial):
+        """Hyperparameter search over DREGConfig fields (``dreg_lambda``, ``regularizer``, ``reg_lambda``...)."""
+        super()._hp_search_setup(trial)
+        if trial is None or self.hp_search_backend is None:
+            return
+        params = self.hp_space(trial) if self.hp_search_backend.value == "optuna" else dict(trial)
+        fields = set(DREGConfig.field_names())
+        chosen = {k: v for k, v in params.items() if k in fields}
+        if not chosen:
+            return
+        values = {**self.dreg_config.dreg_dict(), **chosen}
+        if "reg_lambda" not in chosen:
+            values["reg_lambda"] = None  # re-resolved from the chosen dreg_lambda / regularizer
+        if values.get("dreg_lambda") == AUTO or values.get("reg_lambda") == AUTO:
+            values["reg_lambda"] = None
+        for key, value in values.items():
+            setattr(self.dreg_config, key, value)
+        self.dreg_config.check_dreg_settings()
+        self._apply_dreg_to_args(self.args)
+        self._regularizer_model = None  # rebuilt for this trial's model and strength
+
+    # ---- the loss ---------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not self._loss_kwargs_decided and batch_samples:
+            self._loss_kwargs_decided = True
+            # it matters only when a step has several micro-batches (accumulation, processes)
+            split = self.args.gradient_accumulation_steps > 1 or self.accelerator.num_processes > 1
+            if split and self.model_accepts_loss_kwargs and not self._model_honours_num_items(batch_samples[0]):
+                self.model_accepts_loss_kwargs = False
+                num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
+        self._positions = self._count_positions(batch_samples, device) if isinstance(self.regularizer, DREG) else {}
+        return batch_samples, num_items_in_batch
+
+    def _model_honours_num_items(self, batch) -> bool:
+        """Whether the task loss is normalised by ``num_items_in_batch`` (asked of the model on one batch).
+
+        Only the base Trainer's ``compute_loss`` hands ``num_items_in_batch`` to the model: a trainer with
+        its own loss (TRL's SFTTrainer) or a ``compute_loss_func`` normalises it itself and is trusted.
+        """
+        base_loss = getattr(super(DREGTrainerMixin, self).compute_loss, "__func__", None)
+        if base_loss is not Trainer.compute_loss or self.compute_loss_func is not None or self.label_smoother is not None:
+            return True
+        if "labels" not in batch:
+            return True
+        inputs = self._prepare_inputs(batch)
+        items = inputs["labels"].ne(-100).sum().clamp_min(1)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                one = model(**inputs, num_items_in_batch=items)["loss"]
+                two = model(**inputs, num_items_in_batch=2 * items)["loss"]
+        except (TypeError, KeyError, IndexError):
+            return False
+        finally:
+            model.train(was_training)
+        honours = bool(torch.isclose(one.float(), 2 * two.float(), rtol=1e-4, atol=0)) and not bool(torch.isclose(one, two))
+        if not honours:
+            logger.info(
+                f"hf_dreg: {type(self.accelerator.unwrap_model(model)).__name__} accepts loss kwargs but ignores "
+                "num_items_in_batch: its loss is a per-batch mean, divided by the accumulation steps as for a model "
+                "without loss kwargs (the plain Trainer would train it on steps x the loss)."
+            )
+        return honours
+
+    def _count_positions(self, batch_samples, device) -> dict[str, torch.Tensor]:
+        """Valid positions of the whole step (all micro-batches, all processes), per kind of position."""
+        counts = count_positions(batch_samples, device)
+        if self.accelerator.num_processes > 1:
+            counts = {key: self.accelerator.gather(total.reshape(1)).sum() for key, total in counts.items()}
+        return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        def task_loss(model, inputs):
-            return super(DREGTrainer, self).compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
+        regularizer = self.regularizer
+        masks = position_masks(inputs)  # before the base class pops anything (labels) from the batch
 
-        steps = self.current_gradient_accumulation_steps if model.training else 1
-        step = StepInfo(steps, self.accelerator.num_processes, self._positions, self.state.global_step)
-        loss, outputs, penalty = self.regularizer.compute(model, inputs, task_loss, step)
-        mode = "train" if model.training else "eval"
+        def task_loss(model, inputs):
+            result = super(DREGTrainerMixin, self).compute_loss(
+                model, inputs, return_outputs=return_outputs or regularizer.needs_outputs, num_items_in_batch=num_items_in_batch
+            )
+            return result if isinstance(result, tuple) else (result, None)
+
+        with self._dreg_attached():
+            training = model.training
+            steps = self.current_gradient_accumulation_steps if training else 1
+            step = StepInfo(steps, self.accelerator.num_processes, self._positions, self.state.global_step, masks)
+            loss, outputs, penalty = self.regularizer.compute(model, inputs, task_loss, step)
+        mode = "train" if training else "eval"
         if penalty.value is not None:
-            self._metrics[mode][self.regularizer.name].append(penalty.value)
+            self._record(mode, self.regularizer.name, penalty.value)
         for key, value in penalty.extra.items():
-            self._metrics[mode][key].append(value)
+            self._record(mode, key, value)
         if penalty.term is not None:
             scaled = self.loss_is_scaled_for_ga
             if scaled is None:
-                scaled = self.compute_loss_func is not None
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             term = penalty.term / steps if scaled else penalty.term
-            if self.args.reg_lambda == AUTO:
+            if self.dreg_config.calibrates:
                 self._calibrate(model, loss, term)
             elif self._should_measure_ratio():
                 self._measure_ratio(model, loss, term)
-            self._metrics["train"]["task_loss"].append(loss.detach())
-            loss = loss + self.args.reg_lambda * term
+            self._record("train", "task_loss", loss.detach())
+            loss = loss + self.dreg_config.reg_lambda * term
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, mode: str, key: str, value) -> None:
+        self._dreg_metrics[mode].setdefault(key, []).append(value)
 
     # ---- the strength: gradient-ratio diagnostic and calibration ----------------------------------
 
@@ -118,62 +277,45 @@ class DREGTrainer(Trainer):
         task_norm, term_norm = self._gradient_norms(model, loss, term)
         if not float(term_norm) > 0:
             raise ValueError("--dreg_lambda auto: the penalty has no gradient on the first batch; set dreg_lambda explicitly.")
-        strength = self.args.dreg_target_ratio * float(task_norm) / float(term_norm)
-        self.args.reg_lambda = strength
-        self._metrics["train"]["reg_lambda"].append(torch.tensor(strength))
-        self._metrics["train"]["reg_grad_ratio"].append(torch.tensor(self.args.dreg_target_ratio))
-        self.reg_grad_ratios.append((self.state.global_step, float(self.args.dreg_target_ratio)))
+        target = self.dreg_config.dreg_target_ratio
+        strength = target * float(task_norm) / float(term_norm)
+        self.dreg_config.reg_lambda = strength
+        self._record("train", "reg_lambda", torch.tensor(strength))
+        self._record("train", "reg_grad_ratio", torch.tensor(target))
+        self.reg_grad_ratios.append((self.state.global_step, float(target)))
         logger.warning(
-            f"--dreg_lambda auto: lambda = {strength:.4g} gives a gradient ratio of {self.args.dreg_target_ratio} "
+            f"--dreg_lambda auto: lambda = {strength:.4g} gives a gradient ratio of {target} "
             f"(||grad task|| = {float(task_norm):.4g}, ||grad R|| = {float(term_norm):.4g} on the first batch)."
         )
 
     def _should_measure_ratio(self) -> bool:
-        interval = self.args.reg_ratio_interval
+        interval = self.dreg_config.reg_ratio_interval
         if not interval or not self.model.training:
             return False
-        first_micro_batch = self._last_measured_step != self.state.global_step
+        first_micro_batch = getattr(self, "_last_measured_step", None) != self.state.global_step
         return first_micro_batch and self.state.global_step % interval == 0
-
-    _last_measured_step = None
 
     def _measure_ratio(self, model, loss, term) -> None:
         self._last_measured_step = self.state.global_step
         task_norm, term_norm = self._gradient_norms(model, loss, term)
-        ratio = float(self.args.reg_lambda) * float(term_norm) / max(float(task_norm), 1e-30)
-        self._metrics["train"]["reg_grad_ratio"].append(torch.tensor(ratio))
+        strength = float(self.dreg_config.reg_lambda)
+        ratio = strength * float(term_norm) / max(float(task_norm), 1e-30)
+        self._record("train", "reg_grad_ratio", torch.tensor(ratio))
         self.reg_grad_ratios.append((self.state.global_step, ratio))
         recent = [r for _, r in self.reg_grad_ratios[-3:]]
+        name = self.regularizer.name
         if len(recent) == 3 and max(recent) < 1e-2 and "low" not in self._warned:
             self._warned.add("low")
             logger.warning(
-                f"{self.regularizer.name} has no measurable effect at reg_lambda={self.args.reg_lambda:.4g}: its "
-                f"gradient is {ratio:.2e} of the task loss's. Raise the strength (or use --dreg_lambda auto)."
+                f"{name} has no measurable effect at reg_lambda={strength:.4g}: its gradient is {ratio:.2e} of the "
+                "task loss's. Raise the strength (or use --dreg_lambda auto)."
             )
         if len(recent) == 3 and min(recent) > 1 and "high" not in self._warned:
             self._warned.add("high")
             logger.warning(
-                f"{self.regularizer.name} dominates training at reg_lambda={self.args.reg_lambda:.4g}: its gradient "
-                f"is {ratio:.2f}x the task loss's. Lower the strength (or use --dreg_lambda auto)."
+                f"{name} dominates training at reg_lambda={strength:.4g}: its gradient is {ratio:.2f}x the task "
+                "loss's. Lower the strength (or use --dreg_lambda auto)."
             )
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._positions = self._count_positions(batch_samples, device) if self.dreg is not None else {}
-        return batch_samples, num_items_in_batch
-
-    def _count_positions(self, batch_samples, device) -> dict[str, torch.Tensor]:
-        """Valid positions of the whole step (all micro-batches, all processes), per mask."""
-        counts = {}
-        for key in _MASK_KEYS:
-            masks = [b.get(key) for b in batch_samples if isinstance(b, dict)]
-            if not masks or any(m is None for m in masks):
-                continue
-            total = sum(m.sum() for m in masks).to(device=device, dtype=torch.float32)
-            if self.accelerator.num_processes > 1:
-                total = self.accelerator.gather(total.reshape(1)).sum()
-            counts[key] = total
-        return counts
 
     # ---- logging ---------------------------------------------------------------------------------
 
@@ -181,54 +323,90 @@ class DREGTrainer(Trainer):
         if "loss" in logs:
             mode, prefix = "train", ""
         else:
-            prefix = next((k[: -len("_loss")] + "_" for k in logs if k.endswith("_loss")), None)
+            prefix = next((k[: -len("loss")] for k in logs if k.endswith("_loss") and k != "train_loss"), None)
             mode = "eval" if prefix is not None else None
-        if mode is not None and self._metrics[mode]:
-            for key, values in self._metrics[mode].items():
-                value = torch.stack([v.float() for v in values]).mean()
+        if mode is not None and self._dreg_metrics[mode]:
+            for key, values in self._dreg_metrics[mode].items():
+                value = _float_metric(values)
                 if self.accelerator.num_processes > 1:
                     value = self.accelerator.reduce(value.to(self.args.device), reduction="mean")
+                if key == self.regularizer.name:  # the finite check, once per logging step (no sync per micro-batch)
+                    check_finite(value, getattr(self.regularizer, "last_values", {}) or {key: value})
                 logs[prefix + key] = float(f"{value.item():.6g}")
-            self._metrics[mode].clear()
+            self._dreg_metrics[mode].clear()
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, **kwargs):
         # eval_<penalty> is this loop's alone: predict() runs the same loop but does not log, so drop what it left
-        self._metrics["eval"].clear()
+        self._dreg_metrics["eval"].clear()
         return super().evaluation_loop(*args, **kwargs)
 
-    # ---- model card ------------------------------------------------------------------------------
+    # ---- saving: the settings beside every checkpoint and in the model card -----------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.is_world_process_zero() and os.path.isdir(folder):
+            self.dreg_config.save_pretrained(folder)
 
     def create_model_card(self, *args, tags=None, **kwargs):
-        """The Trainer's model card plus the regularizer, its strength, the DREG sites, the data regime and results."""
+        """The base trainer's model card plus the regularizer, its strength, the DREG sites, the data regime and results."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(*args, tags=tags + ["hf_dreg", self.args.regularizer], **kwargs)
+        super().create_model_card(*args, tags=tags + ["hf_dreg", self.dreg_config.regularizer], **kwargs)
         if self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
                 f.write(dreg_card_section(self))
 
     # ---- resuming --------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str):
-            self._check_resumed_settings(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
     def _check_resumed_settings(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, DREG_CONFIG_NAME)
-        if not os.path.isfile(path):
+        if not os.path.isfile(os.path.join(checkpoint, CONFIG_NAME)):
             return
-        with open(path) as f:
-            saved = json.load(f)
-        current = self.args.dreg_config_dict()
-        if current.get("dreg_lambda") == AUTO and saved.get("dreg_lambda") == AUTO:
-            self.args.reg_lambda = saved["reg_lambda"]  # keep the strength calibrated at the start of the run
-            current = self.args.dreg_config_dict()
-        if saved != current:
+        saved = DREGConfig.from_pretrained(checkpoint)
+        config = self.dreg_config
+        if config.dreg_lambda == AUTO and saved.dreg_lambda == AUTO and saved.reg_lambda != AUTO:
+            config.reg_lambda = saved.reg_lambda  # keep the strength calibrated at the start of the run
+        if saved.dreg_config_dict() != config.dreg_config_dict():
             logger.warning(
-                f"Resuming from {checkpoint} with regularizer settings {current}, but it was trained with {saved}. "
-                "Pass the same --regularizer/--reg_lambda/--dreg_* flags to continue the same run."
+                f"Resuming from {checkpoint} with regularizer settings {config.dreg_config_dict()}, but it was trained "
+                f"with {saved.dreg_config_dict()}. Pass the same --regularizer/--reg_lambda/--dreg_* flags to continue "
+                "the same run."
             )
+
+
+def with_dreg(trainer_cls: type) -> type:
+    """A subclass of ``trainer_cls`` (a transformers ``Trainer`` subclass) that adds DREG to its loss.
+
+    The subclass takes one more keyword, ``dreg_config=DREGConfig(...)`` (default ``DREGConfig()``;
+    with ``DREGTrainingArguments`` as ``args`` the settings are read from there)::
+
+        Trainer = hf_dreg.with_dreg(SFTTrainer)
+        trainer = Trainer(model=..., args=SFTConfig(...), train_dataset=..., dreg_config=hf_dreg.DREGConfig(dreg_lambda=1e-2))
+    """
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+        raise TypeError(f"with_dreg expects a transformers Trainer class (or subclass), got {trainer_cls!r}.")
+    if issubclass(trainer_cls, DREGTrainerMixin):
+        return trainer_cls
+    if trainer_cls not in _WRAPPED:
+        name = f"DREG{trainer_cls.__name__}"
+        doc = f"{trainer_cls.__name__} with the DREG penalty (or another regularizer) in its loss: see hf_dreg.with_dreg."
+        _WRAPPED[trainer_cls] = type(name, (DREGTrainerMixin, trainer_cls), {"__doc__": doc, "__module__": trainer_cls.__module__})
+    return _WRAPPED[trainer_cls]
+
+
+class DREGTrainer(DREGTrainerMixin, Trainer):
+    """The transformers Trainer with ``reg_lambda * penalty`` added to the loss (``with_dreg(Trainer)``).
+
+    Reads the DREG settings from ``DREGTrainingArguments`` (or ``dreg_config=``). The penalty is logged
+    under the regularizer's name (``dreg``, ``spectral_norm``, ``igpen``, ``jacobian``;
+    ``weight_decay`` logs the squared norm of the decayed weights); evaluation logs ``eval_<name>``
+    while ``eval_loss`` stays the task loss.
+    """
+
+    def __init__(self, model=None, args=None, *positional, **kwargs):
+        if args is None and kwargs.get("dreg_config") is None:
+            args = DREGTrainingArguments(output_dir="trainer_output")
+        super().__init__(model, args, *positional, **kwargs)
+
+
+_WRAPPED[Trainer] = DREGTrainer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..args import REGULARIZERS
+from ..config import REGULARIZERS
 from .base import Penalty, Regularizer, StepInfo
 from .dreg import DREG
 from .input_gradient import InputGradient
@@ -13,22 +13,26 @@ from .weight_decay import WeightDecay
 
 
 
-def build_regularizer(model, args) -> Regularizer:
-    """The regularizer ``args.regularizer`` for ``model`` (none when its strength is 0)."""
-    name = args.regularizer
-    if name == "none" or (name != "weight_decay" and args.reg_lambda == 0):
+def build_regularizer(model, config, seed: int = 0) -> Regularizer:
+    """The regularizer ``config.regularizer`` for ``model`` (none when its strength is 0).
+
+    ``config`` is a :class:`~hf_dreg.DREGConfig` (or DREGTrainingArguments); ``seed`` seeds the random
+    projections and power iterations.
+    """
+    name = config.regularizer
+    if name == "none" or (name != "weight_decay" and config.reg_lambda == 0):
         return NoRegularizer()
     if name == "weight_decay":
-        return WeightDecay(model, args)
+        return WeightDecay(model, config)
     if name == "spectral_norm":
         pretrained = bool(getattr(getattr(model, "config", None), "_name_or_path", ""))
-        return SpectralNorm(model, args, pretrained=pretrained)
+        return SpectralNorm(model, config, pretrained=pretrained, seed=seed)
     if name == "igpen":
-        return InputGradient(model, args)
+        return InputGradient(model, config)
     if name == "jacobian":
-        return Jacobian(model, args)
+        return Jacobian(model, config, seed=seed)
     if name == "dreg":
-        return DREG(model, args)
+        return DREG(model, config)
     raise ValueError(f"Unknown regularizer {name!r}: choose one of {', '.join(REGULARIZERS)}.")
 
 

@@ -19,6 +19,7 @@ class StepInfo:
     processes: int = 1
     positions: dict[str, Tensor] = field(default_factory=dict)
     optimizer_step: int = 0
+    masks: dict[str, Tensor] | None = None  # this micro-batch's valid positions (hf_dreg.positions.position_masks)
 
 
 @dataclass
@@ -40,6 +41,13 @@ class Regularizer:
     """Computes the task loss (through ``task_loss``) and its own penalty for one micro-batch."""
 
     name = "none"
+    needs_outputs = False  # whether compute() reads the model outputs (logits) of the task loss
+
+    def activate(self, model: nn.Module) -> None:
+        """Install what the regularizer needs during the trainer's loops (hooks); nothing by default."""
+
+    def deactivate(self) -> None:
+        """Remove what ``activate`` installed: outside the loops the model computes nothing extra."""
 
     def compute(self, model: nn.Module, inputs: dict, task_loss: TaskLoss, step: StepInfo):
         loss, outputs = task_loss(model, inputs)

@@ -5,41 +5,58 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
-from ..attach import attach, check_finite
+from ..attach import DREGHandle
+from ..sites import find_sites
 from .base import Penalty, Regularizer
 
 logger = logging.get_logger(__name__)
 
 
 class DREG(Regularizer):
+    """The DREG penalty. The sites are found once (at construction); the hooks that compute the penalty
+    are on the model only between ``activate`` and ``deactivate`` (the trainer's train/evaluate/predict)."""
+
     name = "dreg"
 
-    def __init__(self, model, args):
-        self.handle = attach(
-            model, activations=args.dreg_activation_list, exclude_modules=args.dreg_exclude_modules, fused=args.dreg_fused
-        )
-        self.log_per_site = args.dreg_log_per_site
-        logger.info(f"DREG attached (lambda={args.reg_lambda}): {self.handle}")
+    def __init__(self, model, config):
+        self.sites = find_sites(model, activations=config.dreg_activation_list, exclude_modules=config.dreg_exclude_modules)
+        self.fused = config.dreg_fused
+        self.log_per_site = config.dreg_log_per_site
+        self.handle: DREGHandle | None = None
+        self.last_values: dict = {}
+        logger.info(f"DREG sites (lambda={config.reg_lambda}): {len(self.sites)}")
+
+    def activate(self, model):
+        self.deactivate()
+        self.handle = DREGHandle(model, self.sites, fused=self.fused)
+
+    def deactivate(self):
+        if self.handle is not None:
+            self.handle.detach()
+            self.handle = None
 
     def compute(self, model, inputs, task_loss, step):
+        if self.handle is None:
+            raise RuntimeError("DREG is not attached: the trainer attaches it for train(), evaluate() and predict().")
         loss, outputs = task_loss(model, inputs)
-        sums = self.handle.site_sums()
+        sums = self.handle.site_sums(masks=step.masks)
         local = torch.stack([total / count.clamp_min(1) for _, total, count in sums])
         names = [site.name for site, _, _ in sums]
+        self.last_values = dict(zip(names, local.detach()))  # for the finite check at the next logging step
         extra = {f"dreg/{n}": v.detach() for n, v in zip(names, local)} if self.log_per_site else {}
         term = None
         if model.training and torch.is_grad_enabled():
             term = self.step_normalised(sums, step)
-            check_finite(term, dict(zip(names, local)))
         return loss, outputs, Penalty(term=term, value=local.mean().detach(), extra=extra)
 
     @staticmethod
     def step_normalised(sums, step):
         """This micro-batch's share of the step's DREG.
 
-        Sites whose mask was counted for the whole step are divided by the step's count of valid
-        positions, times the accumulation steps and processes that the Trainer and DDP divide by
-        again; others (no mask: every position valid) use their local mean, as the task loss does.
+        Sites whose positions were counted for the whole step (every micro-batch, every process) are
+        divided by that count, times the accumulation steps and processes that the Trainer and DDP
+        divide by again; others (positions of no counted kind, e.g. image patches) use their local
+        mean, as a classification loss does.
         """
         terms = []
         for site, total, count in sums:
@@ -51,6 +68,5 @@ class DREG(Regularizer):
         return torch.stack(terms).mean()
 
     def describe(self):
-        sites = self.handle.sites
-        kinds = sorted({s.kind for s in sites})
-        return {"sites": len(sites), "kinds": kinds, "activations": sorted({s.activation for s in sites})}
+        kinds = sorted({s.kind for s in self.sites})
+        return {"sites": len(self.sites), "kinds": kinds, "activations": sorted({s.activation for s in self.sites})}

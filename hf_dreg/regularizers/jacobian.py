@@ -45,12 +45,13 @@ def jacobian_frobenius(logits: Tensor, x: Tensor, n_proj: int = 1, exact: bool =
 
 class Jacobian(Regularizer):
     name = "jacobian"
+    needs_outputs = True
 
-    def __init__(self, model, args):
+    def __init__(self, model, args, seed: int = 0):
         needs_double_backward(model, self.name, logger)
         self.n_proj = args.jacobian_n_proj
         self.exact = args.jacobian_exact
-        self.generator = torch.Generator().manual_seed(args.seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def compute(self, model, inputs, task_loss, step):
         if not (model.training and torch.is_grad_enabled()):

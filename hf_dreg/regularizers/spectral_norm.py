@@ -52,7 +52,7 @@ class PowerIteration:
 class SpectralNorm(Regularizer):
     name = "spectral_norm"
 
-    def __init__(self, model, args, pretrained: bool):
+    def __init__(self, model, args, pretrained: bool, seed: int = 0):
         self.mode = args.spectral_mode
         self.iterations = args.spectral_power_iterations
         sites = find_sites(model, activations=args.dreg_activation_list, exclude_modules=args.dreg_exclude_modules)
@@ -69,7 +69,7 @@ class SpectralNorm(Regularizer):
             for module in self.layers.values():
                 parametrizations.spectral_norm(module, n_power_iterations=self.iterations)
             return
-        generator = torch.Generator().manual_seed(args.seed)
+        generator = torch.Generator().manual_seed(seed)
         self._last_step = None
         self.power = {}
         for path, module in self.layers.items():

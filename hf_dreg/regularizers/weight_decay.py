@@ -1,4 +1,4 @@
-"""Decoupled weight decay, applied by the Trainer's own AdamW (args.weight_decay = reg_lambda).
+"""Decoupled weight decay, applied by the Trainer's own AdamW (its weight_decay = reg_lambda).
 
 Nothing is added to the loss; the squared norm of the decayed parameters is logged as ``weight_decay``.
 """
@@ -13,8 +13,8 @@ from .base import Penalty, Regularizer
 class WeightDecay(Regularizer):
     name = "weight_decay"
 
-    def __init__(self, model, args):
-        self.strength = args.weight_decay
+    def __init__(self, model, config):
+        self.strength = config.reg_lambda
         self.decayed = None
 
     def compute(self, model, inputs, task_loss, step):

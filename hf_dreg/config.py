@@ -1,0 +1,230 @@
+"""DREGConfig: the regularizer settings of a run, on their own (like PEFT's ``LoraConfig``).
+
+Usable alone (``with_dreg(SFTTrainer)(..., dreg_config=DREGConfig(dreg_lambda=1e-2))``), parsed
+beside a trainer's arguments (``HfArgumentParser((ScriptArguments, SFTConfig, DREGConfig))``), and
+mixed into :class:`~hf_dreg.DREGTrainingArguments`. The loss is
+``task_loss + reg_lambda * penalty``; with the default ``regularizer="dreg"``, ``reg_lambda`` is
+``dreg_lambda``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .activations import resolve_families
+
+DEFAULT_DREG_LAMBDA = 10**-2.5
+DEFAULT_TARGET_RATIO = 0.1
+AUTO = "auto"
+REGULARIZERS = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
+# documented default strength of each regularizer (dreg's is dreg_lambda: one source of truth)
+DEFAULT_REG_LAMBDA = {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01}
+CONFIG_NAME = "dreg_config.json"
+
+
+def float_or_auto(text):
+    """The argparse type of ``--dreg_lambda``: a number, or 'auto'."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"dreg_lambda must be a number or 'auto', got {text!r}.") from None
+
+
+@dataclass
+class DREGConfig:
+    """The regularizer of a run and its strength: ``loss = task_loss + reg_lambda * penalty``."""
+
+    dreg_lambda: float_or_auto = field(
+        default=DEFAULT_DREG_LAMBDA,
+        metadata={
+            "help": "Strength of the DREG penalty (default 10**-2.5 = 0.00316, the seed study's; on the models we "
+            "measured it has no measurable effect, and no strength beat plain training: README 'Results'); 0 turns "
+            "DREG off; 'auto' calibrates it on the first batch so that ||grad lambda*R|| / ||grad task loss|| = "
+            "dreg_target_ratio."
+        },
+    )
+    dreg_target_ratio: float = field(
+        default=DEFAULT_TARGET_RATIO,
+        metadata={"help": "With --dreg_lambda auto: the gradient ratio lambda is calibrated to (default 0.1)."},
+    )
+    dreg_activations: str = field(
+        default="gelu",
+        metadata={
+            "help": "Which MLP activations are DREG sites: 'gelu' (the GELU family), 'all' (every supported one), "
+            "or 'silu', 'relu', 'tanh' (comma-separated for several). SwiGLU models (Llama, Qwen, Mistral) need 'silu'."
+        },
+    )
+    dreg_exclude_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Activation module paths (or '.suffix') to leave out of DREG."},
+    )
+    dreg_fused: bool = field(
+        default=True,
+        metadata={"help": "Fuse the penalty's elementwise math into one kernel per pass with torch.compile."},
+    )
+    dreg_log_per_site: bool = field(
+        default=False,
+        metadata={"help": "Also log the DREG value of every site (as dreg/<site>) at each logging step."},
+    )
+    regularizer: str = field(
+        default="dreg",
+        metadata={"help": f"Which regularizer to train with: {', '.join(REGULARIZERS)}.", "choices": list(REGULARIZERS)},
+    )
+    reg_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": "Strength of the regularizer. Defaults: dreg = dreg_lambda, weight_decay 0.01 (the AdamW decay), "
+            "spectral_norm 0.01, igpen 0.01, jacobian 0.01."
+        },
+    )
+    spectral_mode: str = field(
+        default="penalty",
+        metadata={
+            "help": "spectral_norm: 'penalty' (sum of squared top singular values) or 'normalize' (hard spectral "
+            "normalization; from scratch only, refused on a pretrained checkpoint).",
+            "choices": ["penalty", "normalize"],
+        },
+    )
+    spectral_power_iterations: int = field(default=1, metadata={"help": "spectral_norm: power steps per training step."})
+    jacobian_n_proj: int = field(default=1, metadata={"help": "jacobian: random projections per example."})
+    jacobian_exact: bool = field(default=False, metadata={"help": "jacobian: exact Frobenius norm (one pass per logit)."})
+    reg_ratio_interval: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps, log reg_grad_ratio = ||grad reg_lambda*penalty|| / ||grad task loss|| "
+            "over the trainable parameters, measured on one micro-batch (two extra backward passes of it: about "
+            "2/N of a step). 0 = off. Warns when it stays below 1e-2 (no measurable effect) or above 1."
+        },
+    )
+
+    def __post_init__(self):
+        self.check_dreg_settings()
+
+    def check_dreg_settings(self) -> None:
+        """Validate the settings and resolve ``reg_lambda`` (fails early, naming the flag and the fix)."""
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"Unknown regularizer {self.regularizer!r}: choose one of {', '.join(REGULARIZERS)}.")
+        if isinstance(self.dreg_lambda, str):
+            self.dreg_lambda = float_or_auto(self.dreg_lambda)
+        if self.dreg_lambda != AUTO:
+            _check_strength("dreg_lambda", self.dreg_lambda)
+        if not (isinstance(self.dreg_target_ratio, (int, float)) and math.isfinite(self.dreg_target_ratio) and self.dreg_target_ratio > 0):
+            raise ValueError(f"dreg_target_ratio must be a finite number > 0, got {self.dreg_target_ratio!r}.")
+        if self.reg_ratio_interval < 0:
+            raise ValueError(f"reg_ratio_interval must be >= 0 (0 = off), got {self.reg_ratio_interval}.")
+        if self.reg_lambda is not None and self.reg_lambda != AUTO:
+            _check_strength("reg_lambda", self.reg_lambda)
+        self._resolve_strength()
+        resolve_families(self.dreg_activation_list)  # fails early with the list of valid choices
+        if self.jacobian_n_proj < 1 or self.spectral_power_iterations < 1:
+            raise ValueError("jacobian_n_proj and spectral_power_iterations must be >= 1.")
+
+    def _resolve_strength(self) -> None:
+        """One source of truth: reg_lambda is dreg_lambda for DREG."""
+        if self.regularizer == "dreg":
+            if self.dreg_lambda == AUTO:
+                if self.reg_lambda is not None and self.reg_lambda != AUTO:
+                    raise ValueError("dreg_lambda='auto' calibrates the strength: do not pass reg_lambda as well.")
+                self.reg_lambda = AUTO  # replaced by the calibrated value on the first batch
+                return
+            if self.reg_lambda is not None and self.reg_lambda != self.dreg_lambda:
+                if self.dreg_lambda != DEFAULT_DREG_LAMBDA:
+                    raise ValueError(
+                        f"reg_lambda={self.reg_lambda} and dreg_lambda={self.dreg_lambda} disagree; for "
+                        "regularizer='dreg' they are the same strength: pass only one."
+                    )
+                self.dreg_lambda = self.reg_lambda
+            self.reg_lambda = self.dreg_lambda
+            return
+        if self.reg_lambda is None:
+            self.reg_lambda = DEFAULT_REG_LAMBDA[self.regularizer]
+
+    def resolve_weight_decay(self, weight_decay: float) -> float:
+        """The optimizer's weight decay under this config (regularizer='weight_decay' sets it to reg_lambda)."""
+        if self.regularizer != "weight_decay":
+            return weight_decay
+        if weight_decay not in (0.0, self.reg_lambda):
+            raise ValueError(
+                f"weight_decay={weight_decay} and reg_lambda={self.reg_lambda} disagree; for "
+                "regularizer='weight_decay' reg_lambda is the AdamW decay: pass only reg_lambda."
+            )
+        return self.reg_lambda
+
+    @property
+    def dreg_activation_list(self):
+        value = self.dreg_activations
+        return value.split(",") if isinstance(value, str) and "," in value else value
+
+    @property
+    def calibrates(self) -> bool:
+        """True while ``--dreg_lambda auto`` has not yet calibrated the strength."""
+        return self.regularizer == "dreg" and self.reg_lambda == AUTO
+
+    def dreg_config_dict(self) -> dict:
+        """The settings that define a run's penalty (saved beside every checkpoint)."""
+        config = {"regularizer": self.regularizer, "reg_lambda": self.reg_lambda}
+        if self.regularizer in ("dreg", "spectral_norm"):
+            config.update(dreg_activations=self.dreg_activations, dreg_exclude_modules=self.dreg_exclude_modules)
+        if self.regularizer == "dreg":
+            config["dreg_lambda"] = self.dreg_lambda
+            if self.dreg_lambda == AUTO:
+                config["dreg_target_ratio"] = self.dreg_target_ratio
+        if self.regularizer == "spectral_norm":
+            config.update(spectral_mode=self.spectral_mode, spectral_power_iterations=self.spectral_power_iterations)
+        if self.regularizer == "jacobian":
+            config.update(jacobian_n_proj=self.jacobian_n_proj, jacobian_exact=self.jacobian_exact)
+        return config
+
+    # ---- as a DREGConfig of its own (also from DREGTrainingArguments) --------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(DREGConfig)]
+
+    def dreg_dict(self) -> dict:
+        """Every DREGConfig field (``reg_lambda`` as resolved, or calibrated)."""
+        return {name: getattr(self, name) for name in DREGConfig.field_names()}
+
+    def as_dreg_config(self) -> "DREGConfig":
+        """A DREGConfig with this object's DREG settings (the object itself when it is a plain DREGConfig)."""
+        if type(self) is DREGConfig:
+            return self
+        values = self.dreg_dict()
+        reg_lambda = values.pop("reg_lambda")
+        config = DREGConfig(**values, reg_lambda=None if reg_lambda == AUTO else reg_lambda)
+        config.reg_lambda = reg_lambda
+        return config
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write every field to ``folder/dreg_config.json`` (what ``from_pretrained`` reads back)."""
+        import os
+
+        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+            json.dump({**self.dreg_dict(), "penalty": self.dreg_config_dict()}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "DREGConfig":
+        """The DREGConfig saved in ``folder`` (a checkpoint or an output directory)."""
+        import os
+
+        with open(os.path.join(folder, CONFIG_NAME)) as f:
+            saved = json.load(f)
+        values = {k: v for k, v in saved.items() if k in cls.field_names()}
+        reg_lambda = values.pop("reg_lambda", None)
+        config = cls(**values, reg_lambda=None if reg_lambda == AUTO or values.get("regularizer", "dreg") == "dreg" else reg_lambda)
+        if reg_lambda is not None:
+            config.reg_lambda = reg_lambda
+        return config
+
+
+def _check_strength(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value!r}. "
+            f"The DREG default is 10**-2.5 = {DEFAULT_DREG_LAMBDA:.6g}."
+        )
