@@ -2,43 +2,155 @@
 
 A site's penalty needs the weight rows of the feeding layer (one row per hidden unit). This module is
 the one place that knows how each layer stores them.
+
+PEFT adapters are supported where the adapter layer's forward is exactly ``x @ (W + sum of deltas).T + b``
+with ``delta = get_delta_weight(adapter)`` for every active adapter: LoRA (``peft.tuners.lora.layer.Linear``,
+without a LoRA variant such as DoRA), AdaLoRA (``SVDLinear``), LoHa and LoKr (their ``Linear``, with
+``rank_dropout=0`` and ``module_dropout=0``: both make the training forward a random re-weighting of the
+delta that no single weight describes). Every other PEFT layer around a Linear (IA3, BOFT/OFT, VeRA,
+quantized LoRA layers...) is refused by name with :class:`UnsupportedLayerError` when it feeds a site.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 
+class UnsupportedLayerError(ValueError):
+    """A layer feeding a DREG site whose effective weight hf_dreg cannot read exactly (a PEFT adapter type)."""
+
+
+# the PEFT layer classes whose forward is base(x) + sum over active adapters of x @ get_delta_weight(adapter).T
+_EXACT_ADAPTERS = {
+    "LoRA": ("peft.tuners.lora.layer", "Linear"),
+    "AdaLoRA": ("peft.tuners.adalora.layer", "SVDLinear"),
+    "LoHa": ("peft.tuners.loha.layer", "Linear"),
+    "LoKr": ("peft.tuners.lokr.layer", "Linear"),
+}
+_LORA_VARIANT_NAMES = {"DoraLinearVariant": "DoRA"}
+_TUNER_NAMES = {"ia3": "IA3", "lora": "LoRA", "vera": "VeRA", "boft": "BOFT", "oft": "OFT", "fourierft": "FourierFT", "vblora": "VB-LoRA"}
+
+
+def _peft_class(module_name: str, name: str):
+    """A PEFT class if PEFT is imported (no PEFT layer can exist otherwise), else None."""
+    module = sys.modules.get(module_name)
+    return getattr(module, name, None) if module is not None else None
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """A PEFT tuner layer (or anything with ``base_layer`` and ``get_delta_weight``) wrapping a layer."""
+    if getattr(module, "base_layer", None) is None:
+        return False
+    tuner = _peft_class("peft.tuners.tuners_utils", "BaseTunerLayer")
+    return (tuner is not None and isinstance(module, tuner)) or hasattr(module, "get_delta_weight")
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The innermost layer under any adapter wrappers (the module itself when it is not wrapped)."""
+    while is_adapter_layer(module):
+        module = module.base_layer
+    return module
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """A layer computing x @ W.T + b that can feed an activation (an adapter wrapper counts as its base)."""
-    base = getattr(module, "base_layer", None)
-    if base is not None and hasattr(module, "get_delta_weight"):
-        return is_linear_like(base)
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(base_of(module), (nn.Linear, Conv1D))
+
+
+def adapter_kind(module: nn.Module) -> str | None:
+    """'LoRA', 'AdaLoRA', 'LoHa' or 'LoKr' for a supported adapter layer; None for any other layer."""
+    for kind, (module_name, name) in _EXACT_ADAPTERS.items():
+        cls = _peft_class(module_name, name)
+        if cls is not None and isinstance(module, cls):
+            return kind
+    return None
+
+
+def _describe(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _active_adapters(module: nn.Module, kind: str) -> list[str]:
+    """The adapters the forward adds (PEFT skips active names the layer does not hold)."""
+    if module.disable_adapters or module.merged:
+        return []
+    held = module.lora_A.keys() if kind in ("LoRA", "AdaLoRA") else module._available_adapters
+    return [a for a in module.active_adapters if a in held]
+
+
+def check_supported(module: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` unless weight_rows(module) is exactly what its forward uses."""
+    if not is_adapter_layer(module):
+        return
+    kind = adapter_kind(module)
+    if kind is None:
+        tuner = type(module).__module__.split(".")
+        label = tuner[2] if len(tuner) > 2 and tuner[:2] == ["peft", "tuners"] else "adapter"
+        label = _TUNER_NAMES.get(label, label.upper() if label != "adapter" else label)
+        raise UnsupportedLayerError(
+            f"DREG supports LoRA, AdaLoRA, LoHa and LoKr adapters on Linear layers; the {label} layer "
+            f"{_describe(module)} is not supported: use LoraConfig, or leave this layer out of the adapter's "
+            "target_modules, or exclude its site with exclude_modules=[...]."
+        )
+    if not isinstance(base_of(module), nn.Linear) and not (kind in ("LoRA", "AdaLoRA") and isinstance(base_of(module), Conv1D)):
+        raise UnsupportedLayerError(
+            f"DREG supports {kind} adapters on nn.Linear layers only; {_describe(module)} wraps a "
+            f"{type(base_of(module)).__name__}: use LoraConfig."
+        )
+    for adapter in _active_adapters(module, kind):
+        if kind in ("LoRA", "AdaLoRA"):
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            if variant is not None or getattr(module, "use_dora", {}).get(adapter, False):
+                name = type(variant).__name__ if variant is not None else "DoraLinearVariant"
+                label = _LORA_VARIANT_NAMES.get(name, name)
+                raise UnsupportedLayerError(
+                    f"DREG does not support {label} adapters yet (layer {_describe(module)}, adapter {adapter!r}): "
+                    "its forward is not the base weight plus a delta weight. Use plain LoRA."
+                )
+        else:
+            for setting in ("rank_dropout", "module_dropout"):
+                value = getattr(module, setting, {}).get(adapter, 0.0)
+                if value:
+                    raise UnsupportedLayerError(
+                        f"DREG supports {kind} adapters only with {setting}=0 (layer {_describe(module)}, adapter "
+                        f"{adapter!r} has {setting}={value}): in training it re-weights the delta at random, so no "
+                        f"single weight is what the layer computes. Set {setting}=0 in the {kind}Config."
+                    )
+
+
+def _stored_weight(module: nn.Module) -> Tensor:
+    """The effective weight in the innermost layer's storage layout (Conv1D: (in, out))."""
+    if not is_adapter_layer(module):
+        return module.weight
+    check_supported(module)
+    kind = adapter_kind(module)
+    weight = _stored_weight(module.base_layer)
+    for adapter in _active_adapters(module, kind):
+        weight = weight + module.get_delta_weight(adapter)
+    return weight
 
 
 def weight_rows(module: nn.Module) -> Tensor:
     """The effective weight as (out_features, in_features): row i feeds hidden unit i.
 
     Read it inside the layer's own forward (a forward hook), so that sharded weights (FSDP, ZeRO-3)
-    are materialised when read. For a PEFT LoRA layer the active, unmerged adapters are added, so the
-    penalty is that of the layer as it computes, and its gradient reaches the adapters.
+    are materialised when read. For a PEFT adapter layer the active, unmerged adapters are added, so
+    the penalty is that of the layer as it computes, and its gradient reaches the adapters. Raises
+    :class:`UnsupportedLayerError` for adapter types whose forward is not base + delta (see the module doc).
     """
-    base = getattr(module, "base_layer", None)
-    if base is not None and hasattr(module, "get_delta_weight"):
-        if getattr(module, "use_dora", {}) and any(module.use_dora.get(a, False) for a in module.active_adapters):
-            raise NotImplementedError(
-                f"DREG does not support DoRA adapters yet (layer {type(module).__name__}); use plain LoRA."
-            )
-        weight = base.weight
-        if not module.disable_adapters and not module.merged:
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    weight = weight + module.get_delta_weight(adapter)
-        return _as_rows(base, weight)
-    return _as_rows(module, module.weight)
+    return _as_rows(base_of(module), _stored_weight(module))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of the innermost layer, from its weight's shape (no adapter math)."""
+    base = base_of(module)
+    shape = tuple(base.weight.shape)
+    return (shape[1], shape[0]) if isinstance(base, Conv1D) else (shape[0], shape[1])
 
 
 def _as_rows(module: nn.Module, weight: Tensor) -> Tensor:
@@ -46,22 +158,31 @@ def _as_rows(module: nn.Module, weight: Tensor) -> Tensor:
 
 
 def bias_of(module: nn.Module) -> Tensor | None:
-    base = getattr(module, "base_layer", module)
-    return base.bias
+    """The effective bias: the base layer's, plus LoRA's ``lora_B`` bias (``lora_bias=True``) when active."""
+    bias = base_of(module).bias
+    if is_adapter_layer(module) and adapter_kind(module) in ("LoRA", "AdaLoRA"):
+        for adapter in _active_adapters(module, adapter_kind(module)):
+            extra = getattr(module.lora_B[adapter], "bias", None)
+            if isinstance(extra, Tensor):
+                bias = extra * module.scaling[adapter] if bias is None else bias + extra * module.scaling[adapter]
+    return bias
 
 
-def in_features(module: nn.Module) -> int:
-    return weight_rows(module).shape[1]
-
-
-def check_computes_linear(name: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
-    """Verify by data flow that out == x @ W.T + b for the weight hf_dreg will read."""
+def computes_linear(module: nn.Module, w: Tensor, x: Tensor, out: Tensor) -> bool | None:
+    """Whether out == x @ w.T + b numerically (float32 tolerances); None where there are no values (meta)."""
+    bias = bias_of(module)
+    if any(t.is_meta for t in (w, x, out)) or (bias is not None and bias.is_meta):
+        return None
     with torch.no_grad():
-        w = weight_rows(module)
-        expected = torch.nn.functional.linear(x.to(w.dtype), w, bias_of(module))
-        if not torch.allclose(expected.float(), out.float(), rtol=1e-3, atol=1e-4):
-            raise ValueError(
-                f"The layer {name!r} ({type(module).__name__}) feeds an activation but does not compute "
-                "x @ W.T + b with the weight hf_dreg reads (a quantized or custom layer?). "
-                "Exclude its site with exclude_modules=[...]."
-            )
+        expected = torch.nn.functional.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+        if expected.shape != out.shape:
+            return False
+        return bool(torch.allclose(expected.float(), out.float(), rtol=1e-3, atol=1e-4))
+
+
+def not_linear_error(name: str, module: nn.Module) -> ValueError:
+    return ValueError(
+        f"The layer {name!r} ({type(module).__name__}) feeds an activation but does not compute "
+        "x @ W.T + b with the weight hf_dreg reads (a quantized or custom layer?). "
+        "Exclude its site with exclude_modules=[...]."
+    )

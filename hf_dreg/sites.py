@@ -10,15 +10,24 @@ back into the residual width, are not sites.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .activations import UnsupportedActivationError, is_activation_module, is_supported, resolve_families, spec_for
-from .layers import check_computes_linear, in_features, is_linear_like
+from .layers import (
+    UnsupportedLayerError,
+    computes_linear,
+    is_linear_like,
+    not_linear_error,
+    weight_rows,
+    weight_shape,
+)
 
 PLAIN, GATED, FUSED_GATED = "plain", "gated", "fused_gated"
 
@@ -67,42 +76,129 @@ def _tensors(obj):
             yield from _tensors(item)
 
 
-class _Recorder(TorchFunctionMode):
-    """Records every torch call of the probe pass as (name, input tensors, output tensors)."""
+class MetaProbeError(RuntimeError):
+    """The probe forward pass could not run on a model whose weights are (partly) on the meta device."""
 
-    def __init__(self, events):
+
+_META = torch.device("meta")
+_CPU = torch.device("cpu")
+
+
+def _is_meta_device(obj) -> bool:
+    return (isinstance(obj, torch.device) and obj.type == "meta") or obj == "meta"
+
+
+def _on_cpu(obj):
+    return _CPU if _is_meta_device(obj) else obj
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every torch call of the probe pass as (name, input tensors, output tensors).
+
+    On a meta model (``meta=True``) it also keeps a real CPU *twin* of every meta tensor that is a
+    function of the probe inputs and buffers alone (masks, position ids; never of a weight), computed
+    alongside. A data-dependent call on such a meta tensor (``bool(mask.all())``, ``pad_id in ids``,
+    ``.item()``), which meta tensors cannot answer, gets the twin's exact answer instead.
+    """
+
+    def __init__(self, events, meta: bool = False):
         super().__init__()
         self.events = events
+        self.meta = meta
+        self.paused = False
+        self.twins: dict[int, tuple[Tensor, Tensor]] = {}  # id(meta tensor) -> (meta tensor, its real twin)
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Neither record nor twin (hf_dreg's own reads inside the hooks)."""
+        was, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = was
+
+    def add_twin(self, meta: Tensor, real: Tensor) -> None:
+        self.twins[id(meta)] = (meta, real)
+
+    def _twin(self, t: Tensor):
+        if not t.is_meta:
+            return t
+        entry = self.twins.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        ins = list(_tensors(args)) + list(_tensors(kwargs))
+        out = self._call_meta(func, args, kwargs, ins) if self.meta else func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        ins = list(_tensors(args)) + list(_tensors(kwargs or {}))
         if ins:
             outs = list(out) if isinstance(out, (list, tuple)) and name in _SPLIT_NAMES else list(_tensors(out))
             self.events.append(("op", name, ins, outs))
         return out
 
+    def _call_meta(self, func, args, kwargs, ins):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if not any(t.is_meta for t in ins) and not any(_is_meta_device(x) for x in leaves if isinstance(x, (str, torch.device))):
+            return func(*args, **kwargs)
+        real = _NONE = object()
+        twins = [self._twin(t) for t in ins]
+        if all(t is not None for t in twins):
+            lookup = {id(t): twin for t, twin in zip(ins, twins)}
+            real_args, real_kwargs = pytree.tree_map(
+                lambda x: lookup.get(id(x), x) if isinstance(x, Tensor) else _on_cpu(x) if isinstance(x, (str, torch.device)) else x,
+                (args, kwargs),
+            )
+            try:
+                real = func(*real_args, **real_kwargs)
+            except Exception:
+                real = _NONE
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            if real is _NONE:
+                raise
+            # a data-dependent call on meta tensors (a bool, an item, a data-dependent shape): the twins know it
+            out = pytree.tree_map(lambda x: x.to(_META) if isinstance(x, Tensor) else x, real)
+        if real is not _NONE:
+            out_leaves, real_leaves = pytree.tree_leaves(out), pytree.tree_leaves(real)
+            if len(out_leaves) == len(real_leaves):
+                for o, r in zip(out_leaves, real_leaves):
+                    if isinstance(o, Tensor) and o.is_meta and isinstance(r, Tensor):
+                        self.add_twin(o, r)
+        else:
+            name = getattr(func, "__name__", "")
+            if args and isinstance(args[0], Tensor) and (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))):
+                self.twins.pop(id(args[0]), None)  # written in place with values no twin has
+        return out
 
-def example_inputs(model: nn.Module, seq_len: int = 7, decoder_len: int = 5) -> dict[str, Tensor]:
-    """A tiny input for the probe pass, built from the model's config (no tokenizer, no download)."""
+
+def example_inputs(model: nn.Module, seq_len: int = 7, decoder_len: int = 5, device=None) -> dict[str, Tensor]:
+    """A tiny input for the probe pass, built from the config (no tokenizer, no download).
+
+    On ``device`` (default: the device of the model's first parameter; ``meta`` works too).
+    """
     config = model.config
     param = next(model.parameters())
+    device = param.device if device is None else torch.device(device)
     main = getattr(model, "main_input_name", "input_ids")
     if main == "pixel_values":
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         channels = getattr(config, "num_channels", 3)
-        inputs = {"pixel_values": torch.randn(1, channels, size, size, device=param.device, dtype=param.dtype)}
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randn(1, channels, size, size, generator=generator, dtype=param.dtype)
+        inputs = {"pixel_values": pixels.to(device)}
     else:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = getattr(text, "vocab_size", 100) or 100
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(min(5, vocab - 1), min(vocab, 1000), (1, seq_len), generator=generator)
-        inputs = {"input_ids": ids.to(param.device), "attention_mask": torch.ones_like(ids, device=param.device)}
+        inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
     if getattr(config, "is_encoder_decoder", False):
-        dec = torch.full((1, decoder_len), getattr(config, "decoder_start_token_id", 0) or 0, device=param.device)
-        inputs["decoder_input_ids"] = dec
-        inputs["decoder_attention_mask"] = torch.ones_like(dec)
+        dec = torch.full((1, decoder_len), getattr(config, "decoder_start_token_id", 0) or 0)
+        inputs["decoder_input_ids"] = dec.to(device)
+        inputs["decoder_attention_mask"] = torch.ones_like(dec).to(device)
     return inputs
 
 
@@ -124,16 +220,38 @@ def _matches(name: str, patterns) -> bool:
 def find_sites(model: nn.Module, activations="gelu", exclude_modules=None, inputs: dict | None = None) -> list[Site]:
     """Every MLP activation site of ``model`` for the chosen activations.
 
+    One probe forward pass (in eval mode, without gradients) follows the data flow. Every weight is
+    read inside its own layer's forward (a forward hook that runs before the layer's other forward
+    hooks), where FSDP and ZeRO-3 have materialised it: the layer shapes that decide whether an
+    activation feeds a projection back to the MLP's width, and a numerical check that each feeding
+    layer computes ``x @ W.T + b`` with the weight the penalty will read.
+
+    A model whose weights are on the ``meta`` device (FSDP's ``fsdp_cpu_ram_efficient_loading``
+    leaves ranks > 0 so until the weights are broadcast) is probed on ``meta``: shapes propagate
+    and meta tensors are distinct objects, so the sites found are the same as for the real model;
+    only the numerical check is skipped there (meta tensors have no values). Buffers that are not
+    on ``meta`` are swapped for meta copies during the probe and restored after it.
+
     Args:
         activations: ``"gelu"`` (the GELU family, default), ``"all"`` (every supported activation),
             or a family name or list of them (``"silu"``, ``"relu"``, ``"tanh"``).
         exclude_modules: sites to leave out, PEFT-style: a string is a full-match regex on the
             activation's path; a list matches exact paths or ``.suffix``.
         inputs: a probe input for the forward pass; built from the config when omitted.
+
+    Raises:
+        NoSitesError: no site for the chosen activations (the message lists the classes found).
+        UnsupportedActivationError: ``activations="all"`` and an MLP activation has no analytic derivative.
+        UnsupportedLayerError: a site is fed by a PEFT adapter layer whose weight is not base + delta.
+        MetaProbeError: the model is (partly) on ``meta`` and its forward cannot run there.
     """
     families = resolve_families(activations)
-    probe_inputs = inputs if inputs is not None else example_inputs(model)
-    found, seen_classes = _probe(model, probe_inputs)
+    meta = _has_meta(model)
+    if inputs is not None:
+        probe_inputs = inputs
+    else:
+        probe_inputs = example_inputs(model, device="cpu" if meta else None)
+    found, seen_classes, layers = _probe(model, probe_inputs, meta)
     sites = []
     for site in found:
         if _matches(site.name, exclude_modules):
@@ -157,19 +275,75 @@ def find_sites(model: nn.Module, activations="gelu", exclude_modules=None, input
             f"{sorted(seen_classes) or 'none'}. Pass activations='all' or the family its MLPs use "
             "('gelu', 'silu', 'relu', 'tanh')."
         )
+    _check_feeding_layers(model, sites, layers)
     return sites
 
 
-def _probe(model: nn.Module, inputs: dict) -> tuple[list[Site], set[str]]:
+def _has_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+
+
+@dataclass
+class _Layer:
+    """What the probe read inside one Linear-like layer's forward."""
+
+    out_features: int
+    in_features: int
+    computes_linear: bool | None  # None: not checked (meta tensors have no values)
+    error: Exception | None = None  # an unsupported adapter layer: raised if it feeds a site
+
+
+def _read_layer(module: nn.Module, ins: list, outs: list) -> _Layer:
+    out_features, in_features = weight_shape(module)
+    try:
+        w = weight_rows(module)
+    except UnsupportedLayerError as error:
+        return _Layer(out_features, in_features, None, error)
+    ok = computes_linear(module, w, ins[0], outs[0]) if ins and outs else None
+    return _Layer(out_features, in_features, ok)
+
+
+@contextlib.contextmanager
+def _buffers_on_meta(model: nn.Module, recorder: _Recorder):
+    """Swap every buffer that is not on meta for a meta copy, twinned to a copy of its values."""
+    swapped, copies = [], {}
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is None or buf.is_meta:
+                continue
+            if id(buf) not in copies:
+                copies[id(buf)] = buf.to(_META)
+                recorder.add_twin(copies[id(buf)], buf.detach().clone())
+            swapped.append((module, key, buf))
+            module._buffers[key] = copies[id(buf)]
+    try:
+        yield
+    finally:
+        for module, key, buf in swapped:
+            module._buffers[key] = buf
+
+
+def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Site], set[str], dict[str, "_Layer"]]:
     names = {module: name for name, module in model.named_modules()}
     events: list = []
+    layers: dict[str, _Layer] = {}
+    recorder = _Recorder(events, meta=meta)
     handles = []
 
     def on_call(module, args, kwargs):
         events.append(("call", names[module], list(_tensors(args)) + list(_tensors(kwargs)), []))
 
     def on_return(module, args, kwargs, output):
-        events.append(("return", names[module], list(_tensors(args)) + list(_tensors(kwargs)), list(_tensors(output))))
+        name = names[module]
+        ins, outs = list(_tensors(args)) + list(_tensors(kwargs)), list(_tensors(output))
+        events.append(("return", name, ins, outs))
+        if is_linear_like(module):
+            with recorder.pause():  # hf_dreg's own reads are not part of the model's data flow
+                layer = _read_layer(module, ins, outs)
+            if name not in layers:
+                layers[name] = layer
+            elif layer.computes_linear is False:
+                layers[name].computes_linear = False
 
     activation_classes = set()
     for module, name in names.items():
@@ -179,20 +353,50 @@ def _probe(model: nn.Module, inputs: dict) -> tuple[list[Site], set[str]]:
             activation_classes.add(type(module).__name__)
         if linear or act:
             handles.append(module.register_forward_pre_hook(on_call, with_kwargs=True))
-            handles.append(module.register_forward_hook(on_return, with_kwargs=True))
+            # first among the forward hooks: before any hook that frees the weights (ZeRO-3 releases them in one)
+            handles.append(module.register_forward_hook(on_return, with_kwargs=True, prepend=True))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _Recorder(events):
-            model(**inputs)
+        with torch.no_grad(), (_buffers_on_meta(model, recorder) if meta else contextlib.nullcontext()):
+            if meta:
+                inputs = {k: _meta_input(v, recorder) for k, v in inputs.items()}
+            with recorder:
+                try:
+                    model(**inputs)
+                except Exception as error:
+                    if not meta:
+                        raise
+                    raise _meta_error(model, error) from error
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return _sites_from_events(model, names, events, inputs), activation_classes
+    return _sites_from_events(model, names, events, inputs, layers), activation_classes, layers
 
 
-def _sites_from_events(model, names, events, inputs) -> list[Site]:
+def _meta_input(value, recorder: _Recorder):
+    if not isinstance(value, Tensor) or value.is_meta:
+        return value
+    moved = value.to(_META)
+    recorder.add_twin(moved, value.detach().clone())
+    return moved
+
+
+def _meta_error(model: nn.Module, error: Exception) -> MetaProbeError:
+    params = list(model.parameters())
+    n_meta = sum(p.is_meta for p in params)
+    where = "all of its parameters are" if n_meta == len(params) else f"{n_meta} of its {len(params)} parameter tensors are"
+    return MetaProbeError(
+        f"find_sites could not run its probe forward pass of {type(model).__name__} on the meta device: {where} "
+        f"on 'meta' (no values), and the forward failed with {type(error).__name__}: {error}. "
+        "FSDP's fsdp_cpu_ram_efficient_loading leaves the weights of ranks > 0 on 'meta' until they are "
+        "broadcast from rank 0. Build the model on one device, or set fsdp_cpu_ram_efficient_loading: false "
+        "(or attach DREG after the weights are materialised)."
+    )
+
+
+def _sites_from_events(model, names, events, inputs, layers) -> list[Site]:
     modules = {name: module for module, name in names.items()}
     # origin of each tensor: (layer path, chunk) for outputs of Linear-like layers and their chunks
     origin: dict[int, tuple[str, tuple[int, int] | None]] = {}
@@ -217,7 +421,7 @@ def _sites_from_events(model, names, events, inputs) -> list[Site]:
         calls[name] = calls.get(name, 0) + 1
         if not ins or id(ins[0]) not in origin:
             continue
-        site = _follow(name, modules, ins[0], outs[0], events[index + 1 :], origin, layer_input, inputs)
+        site = _follow(name, modules, ins[0], outs[0], events[index + 1 :], origin, layer_input, layers, inputs)
         if site is not None:
             sites.append(site)
     shared = [s.name for s in sites if calls[s.name] > 1]
@@ -226,20 +430,23 @@ def _sites_from_events(model, names, events, inputs) -> list[Site]:
             f"The activation module(s) {shared} are called more than once per forward (shared between layers). "
             "hf_dreg needs one activation module per MLP: give each layer its own, or exclude them."
         )
-    for site in sites:
-        for path in set(site.inputs):
-            check_computes_linear(path, modules[path], layer_input[path], _layer_output(events, path))
     return sites
 
 
-def _layer_output(events, path):
-    for kind, name, _, outs in events:
-        if kind == "return" and name == path:
-            return outs[0]
-    raise KeyError(path)
+def _check_feeding_layers(model: nn.Module, sites: list[Site], layers: dict) -> None:
+    """What the probe found inside each chosen site's feeding layers: an unsupported adapter, or a
+    layer that does not compute x @ W.T + b with the weight hf_dreg reads."""
+    modules = dict(model.named_modules())
+    for site in sites:
+        for path in dict.fromkeys(site.inputs):
+            layer = layers[path]
+            if layer.error is not None:
+                raise UnsupportedLayerError(f"The layer {path!r} feeds the DREG site {site.name!r}: {layer.error}") from layer.error
+            if layer.computes_linear is False:
+                raise not_linear_error(path, modules[path])
 
 
-def _follow(name, modules, z, a, later_events, origin, layer_input, inputs) -> Site | None:
+def _follow(name, modules, z, a, later_events, origin, layer_input, layers, inputs) -> Site | None:
     """Follow the activation's output to the layer that consumes it, noting a gating multiplication."""
     gate, gate_chunk = origin[id(z)]
     reach = {id(a)}
@@ -259,11 +466,11 @@ def _follow(name, modules, z, a, later_events, origin, layer_input, inputs) -> S
             if others:
                 up, up_chunk = origin[id(others[0])]
         reach.update(id(t) for t in outs)
-    if consumer is None:
+    if consumer is None or consumer not in layers:
         return None
     width = z.shape[-1]
-    d_in = in_features(modules[gate])
-    if in_features(modules[consumer]) != width or _out_features(modules[consumer]) != d_in:
+    d_in = layers[gate].in_features
+    if layers[consumer].in_features != width or layers[consumer].out_features != d_in:
         return None  # not an MLP: the activation does not feed a projection back to the block's width
     if gate_chunk is not None:
         if up is None or up != gate or up_chunk is None:
@@ -292,9 +499,3 @@ def _follow(name, modules, z, a, later_events, origin, layer_input, inputs) -> S
         mask_key=_mask_key(tuple(z.shape[:-1]), inputs),
         family=family,
     )
-
-
-def _out_features(module: nn.Module) -> int:
-    from .layers import weight_rows
-
-    return weight_rows(module).shape[0]
