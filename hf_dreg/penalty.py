@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.utils import logging
 
 from .activations import ActivationSpec
 
@@ -83,29 +84,70 @@ def gated_backward(spec, s, u, rg, ru, c, grad_p):
 
 _COMPILED: dict = {}
 _FUSION_FAILED = False
+logger = logging.get_logger(__name__)
+
+
+def _no_compiler_errors() -> tuple[type, ...]:
+    """What torch.compile raises when this machine has no working compiler or backend for it."""
+    from torch._inductor import exc
+
+    return (exc.InvalidCxxCompiler, exc.CppCompileError, exc.TritonMissing, exc.GPUTooOldForTriton)
+
+
+def missing_compiler(error: BaseException) -> BaseException | None:
+    """The "no compiler / no backend" error behind ``error``, if that is what it is.
+
+    Inductor raises those directly or wrapped (``BackendCompilerFailed``/``InductorError`` keep the
+    original as ``inner_exception``; ``raise ... from`` keeps it as ``__cause__``). Anything else, a
+    genuine bug included, gives None.
+    """
+    kinds = _no_compiler_errors()
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, kinds):
+            return error
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    return None
+
+
+def _disable_fusion(reason: str) -> None:
+    """Turn fusion off for the process (the compiler is missing for every kernel), saying so once."""
+    global _FUSION_FAILED
+    if not _FUSION_FAILED:
+        logger.warning(f"hf_dreg: fused DREG kernels unavailable ({reason}); using eager math.")
+    _FUSION_FAILED = True
 
 
 def _kernel(fn, spec: ActivationSpec, fused: bool):
-    """``fn`` bound to ``spec``, compiled into one fused kernel when ``fused`` (eager if that fails)."""
-    global _FUSION_FAILED
+    """``fn`` bound to ``spec``, compiled into one fused kernel when ``fused``.
+
+    Falls back to the same math in eager mode only where the machine cannot compile (no C++
+    compiler, no triton, no dynamo on this Python); any other error of the compiled kernel propagates.
+    """
     if not fused or _FUSION_FAILED:
         return lambda *args: fn(spec, *args)
     key = (fn, spec)
     if key not in _COMPILED:
+        from torch._dynamo import is_dynamo_supported
+
+        if not is_dynamo_supported():
+            _disable_fusion("torch.compile is not supported on this platform")
+            return lambda *args: fn(spec, *args)
         _COMPILED[key] = torch.compile(lambda *args: fn(spec, *args), dynamic=True, fullgraph=True)
     compiled = _COMPILED[key]
 
     def run(*args):
-        global _FUSION_FAILED
         if _FUSION_FAILED:
             return fn(spec, *args)
         try:
             return compiled(*args)
-        except Exception as error:  # no compiler on this machine, an unsupported backend...
-            import warnings
-
-            warnings.warn(f"hf_dreg: fused DREG kernels unavailable ({type(error).__name__}: {error}); using eager math.")
-            _FUSION_FAILED = True
+        except Exception as error:
+            cause = missing_compiler(error)
+            if cause is None:
+                raise
+            first_line = (str(cause).strip().splitlines() or [""])[0]
+            _disable_fusion(f"{type(cause).__name__}: {first_line}")
             return fn(spec, *args)
 
     return run

@@ -1,0 +1,155 @@
+"""The torch.compile fallback: eager math only where the machine cannot compile; genuine bugs propagate.
+
+``torch.compile`` is replaced by a function returning a kernel that raises the given error; the
+result of the fused path is compared with the eager math (the same functions, never compiled).
+"""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor import exc as inductor_exc
+from transformers import activations as A
+
+from hf_dreg import penalty as P
+from hf_dreg.activations import spec_for
+
+_PHRASE = "fused DREG kernels unavailable"
+
+
+def _no_compiler():
+    return inductor_exc.InvalidCxxCompiler()
+
+
+def _cpp_compile_error():
+    return inductor_exc.CppCompileError(["g++", "kernel.cpp"], "fatal error: Python.h: No such file or directory")
+
+
+def _wrapped_cxx():
+    return BackendCompilerFailed(lambda gm, inputs: None, inductor_exc.InvalidCxxCompiler(), None)
+
+
+def _inductor_cpp():
+    return inductor_exc.InductorError(_cpp_compile_error(), None)
+
+
+def _triton_missing():
+    return BackendCompilerFailed(lambda gm, inputs: None, inductor_exc.TritonMissing(None), None)
+
+
+def _cause_chain():
+    try:
+        try:
+            raise inductor_exc.InvalidCxxCompiler("g++")
+        except inductor_exc.InvalidCxxCompiler as inner:
+            raise RuntimeError("compiling the kernel failed") from inner
+    except RuntimeError as outer:
+        return outer
+
+
+def _shape_bug():
+    return RuntimeError("shape mismatch")
+
+
+def _wrapped_bug():
+    return BackendCompilerFailed(lambda gm, inputs: None, RuntimeError("shape mismatch"), None)
+
+
+def _implicit_context():
+    """A bug raised while handling a compiler error is still a bug (only explicit causes count)."""
+    try:
+        try:
+            raise inductor_exc.InvalidCxxCompiler()
+        except inductor_exc.InvalidCxxCompiler:
+            raise RuntimeError("shape mismatch")
+    except RuntimeError as error:
+        return error
+
+
+@pytest.fixture
+def failing_compile(monkeypatch):
+    """Fresh fusion state; torch.compile returns kernels raising what ``set_error`` chose."""
+    monkeypatch.setattr(P, "_COMPILED", {})
+    monkeypatch.setattr(P, "_FUSION_FAILED", False)
+    state = {"error": None, "calls": 0}
+
+    def fake_compile(fn, **kwargs):
+        def kernel(*args):
+            state["calls"] += 1
+            raise state["error"]()
+
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return state
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, 3, 6, generator=g, requires_grad=True)
+    u = torch.randn(2, 3, 6, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, generator=g, requires_grad=True)
+    v = torch.randn(6, 4, generator=g, requires_grad=True)
+    return z, u, w, v
+
+
+def _gated(module, fused, seed=0):
+    spec = spec_for(module)
+    z, u, w, v = _data(seed)
+    p = P.gated_site_penalty(z, module(z), u, P.row_stats(w), P.row_stats(v), P.row_dots(w, v), spec, fused=fused)
+    grads = torch.autograd.grad(p.sum(), (z, u, w, v))
+    return p.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "error,name",
+    [
+        (_no_compiler, "InvalidCxxCompiler"),
+        (_cpp_compile_error, "CppCompileError"),
+        (_wrapped_cxx, "InvalidCxxCompiler"),
+        (_inductor_cpp, "CppCompileError"),
+        (_triton_missing, "TritonMissing"),
+        (_cause_chain, "InvalidCxxCompiler"),
+    ],
+)
+def test_no_compiler_falls_back_to_eager_math_and_says_so_once(failing_compile, caplog, error, name):
+    failing_compile["error"] = error
+    module = A.GELUActivation()
+    with caplog.at_level(logging.WARNING):
+        p, grads = _gated(module, fused=True)
+        assert P._FUSION_FAILED
+        calls = failing_compile["calls"]
+        assert calls == 1  # the first kernel tried, then eager for the process
+        p2, _ = _gated(A.SiLUActivation(), fused=True, seed=1)  # another activation: eager at once
+        assert failing_compile["calls"] == calls
+    expected_p, expected_grads = _gated(module, fused=False)
+    assert torch.equal(p, expected_p)
+    for a, b in zip(grads, expected_grads):
+        assert torch.equal(a, b)
+    assert torch.equal(p2, _gated(A.SiLUActivation(), fused=False, seed=1)[0])
+    records = [r for r in caplog.records if _PHRASE in r.getMessage()]
+    assert len(records) == 1, [r.getMessage() for r in caplog.records]
+    assert records[0].levelno == logging.WARNING and records[0].name == "hf_dreg.penalty"
+    assert name in records[0].getMessage()
+
+
+@pytest.mark.parametrize("error", [_shape_bug, _wrapped_bug, _implicit_context])
+def test_a_genuine_error_of_the_compiled_kernel_propagates(failing_compile, caplog, error):
+    failing_compile["error"] = error
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises((RuntimeError, BackendCompilerFailed), match="shape mismatch"):
+            _gated(A.GELUActivation(), fused=True)
+        z, _, w, _ = _data()
+        spec = spec_for(A.GELUActivation())
+        with pytest.raises((RuntimeError, BackendCompilerFailed), match="shape mismatch"):
+            P.plain_site_penalty(z, A.GELUActivation()(z), P.row_stats(w), spec, fused=True)
+    assert not P._FUSION_FAILED  # fusion stays on for the next call
+    assert not [r for r in caplog.records if _PHRASE in r.getMessage()]
+
+
+def test_missing_compiler_classifies_by_type_not_message():
+    assert P.missing_compiler(_no_compiler()) is not None
+    assert P.missing_compiler(RuntimeError("No working C++ compiler found")) is None
+    assert P.missing_compiler(_implicit_context()) is None
+    assert isinstance(P.missing_compiler(_triton_missing()), inductor_exc.TritonMissing)
