@@ -1,4 +1,8 @@
-"""``hf-dreg``: command-line tools. ``hf-dreg scan MODEL`` lists a checkpoint's DREG sites."""
+"""``hf-dreg``: command-line tools. ``hf-dreg scan MODEL`` lists a checkpoint's DREG sites.
+
+The checkpoint is loaded with the class it was saved from (``config.architectures``: a causal LM, a
+seq2seq LM, a classifier...), so the site paths are those a trainer of that model sees.
+"""
 
 from __future__ import annotations
 
@@ -32,16 +36,86 @@ def scan_summary(model, activations="gelu", exclude_modules=None) -> str:
     return "\n".join(lines)
 
 
+_FALLBACK_AUTO_CLASSES = (
+    "AutoModelForCausalLM",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForImageClassification",
+    "AutoModel",
+)
+
+
+def model_class_for(config):
+    """The class a checkpoint was saved from (``config.architectures``), else the first Auto class that knows
+    the config (causal LM, seq2seq LM, sequence classification, image classification, base model).
+
+    Returns (class, how it was chosen)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type):
+            return cls, "config.architectures"
+    for auto_name in _FALLBACK_AUTO_CLASSES:
+        auto = getattr(transformers, auto_name)
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)], auto_name
+    raise ValueError(
+        f"No transformers model class for config {type(config).__name__} (model_type={config.model_type!r}): "
+        "neither config.architectures nor the Auto classes name one."
+    )
+
+
+def _build_from_config(cls, config):
+    """The model without weights: on the meta device (no memory, no init); for real if it cannot be probed there."""
+    import torch
+
+    from .sites import MetaProbeError, find_sites
+
+    with torch.device("meta"):
+        model = cls(config)
+    try:
+        find_sites(model, activations="all")
+    except MetaProbeError:
+        return cls(config)
+    except ValueError:
+        pass  # no site, an unsupported activation...: scan_summary says it
+    return model
+
+
+def _other_families(model) -> list[str]:
+    """The supported activation families the model's MLP sites use (for the hint when none was chosen)."""
+    try:
+        return sorted({s.family for s in find_sites(model, activations="all") if s.family})
+    except ValueError:
+        return []
+
+
 def _scan(args) -> int:
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     from .models import resolve_checkpoint
+    from .sites import NoSitesError
 
     path = resolve_checkpoint(args.model)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModel.from_config(config) if args.from_config else AutoModel.from_pretrained(path)
+    cls, chosen_by = model_class_for(config)
+    model = _build_from_config(cls, config) if args.from_config else cls.from_pretrained(path)
     activations = args.activations.split(",") if "," in args.activations else args.activations
-    print(scan_summary(model, activations=activations, exclude_modules=args.exclude_modules))
+    try:
+        summary = scan_summary(model, activations=activations, exclude_modules=args.exclude_modules)
+    except NoSitesError as error:
+        chosen = activations if isinstance(activations, list) else [activations]
+        families = [f for f in _other_families(model) if f not in chosen]
+        if families:
+            choice = ",".join(families)
+            raise NoSitesError(
+                f"{error}\nIts MLP sites use the {' and '.join(families)} family: scan them with --activations {choice}, "
+                f"and train with DREG on them with --dreg_activations {choice}."
+            ) from error
+        raise
+    print(f"{cls.__name__} (model class from {chosen_by})")
+    print(summary)
     return 0
 
 
@@ -52,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("model", help="A hub model id, a local checkpoint folder, or 'packaged-minilm'.")
     scan.add_argument("--activations", default="gelu", help="'gelu' (default), 'all', or silu/relu/tanh (comma-separated).")
     scan.add_argument("--exclude_modules", nargs="*", default=None, help="Activation paths (or .suffix) to leave out.")
-    scan.add_argument("--from_config", action="store_true", help="Build the model from its config only (no weights).")
+    scan.add_argument(
+        "--from_config", action="store_true", help="Build the model from its config only, on the meta device (no weights, no memory)."
+    )
     args = parser.parse_args(argv)
     try:
         return _scan(args)
