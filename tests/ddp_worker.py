@@ -43,7 +43,24 @@ def padded_dataset(lengths=LENGTHS, seq: int = SEQ, seed: int = 0, num_labels: i
     return Dataset.from_dict({"input_ids": (ids * mask).tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
 
 
-def train(out_dir: str, per_device_batch: int, steps: int = 2, **overrides):
+def collated_dataset():
+    """Unpadded tokenized texts of unequal length: the Trainer pads them with DataCollatorWithPadding (BatchEncoding)."""
+    from trainer_helpers import classification_data, tokenizer
+
+    tok = tokenizer()
+    word_counts = [30, 21, 12, 17, 1, 6, 3, 9, 25, 2, 14, 8, 1, 33, 4, 7]
+    return tok, classification_data(tok, word_counts)
+
+
+def initial_model(collator: bool = False):
+    if not collator:
+        return tiny_bert()
+    from trainer_helpers import tiny_text_model, tokenizer
+
+    return tiny_text_model("bert", tokenizer().vocab_size)
+
+
+def train(out_dir: str, per_device_batch: int, steps: int = 2, collator: bool = False, **overrides):
     args = DREGTrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=per_device_batch,
@@ -65,7 +82,13 @@ def train(out_dir: str, per_device_batch: int, steps: int = 2, **overrides):
         seed=0,
         **overrides,
     )
-    trainer = DREGTrainer(model=tiny_bert(), args=args, train_dataset=padded_dataset())
+    if collator:
+        tok, data = collated_dataset()
+        extra = {"processing_class": tok}
+    else:
+        data, extra = padded_dataset(), {}
+    model = initial_model(collator)
+    trainer = DREGTrainer(model=model, args=args, train_dataset=data, **extra)
     trainer.train()
     weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
     return trainer, weights
@@ -73,7 +96,8 @@ def train(out_dir: str, per_device_batch: int, steps: int = 2, **overrides):
 
 def main() -> None:
     out_dir, batch = sys.argv[1], int(sys.argv[2])
-    trainer, weights = train(os.path.join(out_dir, "run"), batch)
+    collator = len(sys.argv) > 3 and sys.argv[3] == "collator"
+    trainer, weights = train(os.path.join(out_dir, "run"), batch, collator=collator)
     if trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as f:
             json.dump({"world_size": trainer.args.world_size, "log_history": trainer.state.log_history}, f)
