@@ -70,6 +70,7 @@ class DREGHandle:
                 "handle.detach() on the handle attach() returned (or hf_dreg.attach.attached_handle(model).detach()); "
                 "a DREG trainer attaches its own during train(), evaluate() and predict() and detaches it afterwards."
             )
+        _refuse_virtual_tokens(model)
         self.model = model
         self.sites = sites
         self.fused = fused
@@ -88,7 +89,8 @@ class DREGHandle:
                 roles.setdefault(site.up, []).append((site, "up"))
             self._hooks.append(modules[site.name].register_forward_hook(self._activation_hook(site)))
         for path, entries in roles.items():
-            self._hooks.append(modules[path].register_forward_hook(self._layer_hook(entries)))
+            # prepend: under ZeRO-3 read the weight before DeepSpeed's own post-forward hook frees it
+            self._hooks.append(modules[path].register_forward_hook(self._layer_hook(entries), prepend=True))
         try:  # to find masks passed positionally, e.g. model(input_ids, attention_mask)
             self._signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
@@ -237,6 +239,21 @@ class DREGHandle:
         for site in self.sites:
             kinds[site.kind] = kinds.get(site.kind, 0) + 1
         return f"DREGHandle({len(self.sites)} sites: {kinds})"
+
+
+def _refuse_virtual_tokens(model: nn.Module) -> None:
+    """PEFT prompt tuning / P-tuning prepend virtual tokens that no attention mask describes: refuse them by name."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return
+    for name, config in configs.items():
+        kind = str(getattr(config, "peft_type", ""))
+        if getattr(config, "is_prompt_learning", False) and "PREFIX_TUNING" not in kind:
+            raise ValueError(
+                f"DREG does not support PEFT {kind.split('.')[-1].lower()} (adapter {name!r}): its virtual tokens add "
+                "positions to every MLP that no attention mask describes, so DREG cannot tell them from padding. "
+                "Use LoRA (peft.LoraConfig), or prefix tuning, which adds no positions to the MLPs."
+            )
 
 
 def check_finite(total: Tensor, per_site: dict[str, Tensor]) -> None:

@@ -73,6 +73,8 @@ class DREGTrainerMixin:
         self.reg_grad_ratios: list[tuple[int, float]] = []  # (optimizer step, ratio) of every measurement
         self._warned: set[str] = set()
         self.regularizer = None
+        self._regularizer_model = None
+        self._dreg_ready = False
         super().__init__(*args, **kwargs)
         self._apply_dreg_to_args(self.args)  # the base class may have built its own default arguments
         if self.args.n_gpu > 1:
@@ -81,7 +83,9 @@ class DREGTrainerMixin:
                 "share one record of the penalty. Launch one process per GPU with `torchrun` or `accelerate launch` "
                 "(DistributedDataParallel), or set CUDA_VISIBLE_DEVICES to one GPU."
             )
-        self._build_regularizer(self.model)
+        if self.model is not None:
+            self._build_regularizer(self.model)
+        self._dreg_ready = True
 
     # ---- settings ---------------------------------------------------------------------------------
 
@@ -112,14 +116,15 @@ class DREGTrainerMixin:
     def _dreg_attached(self):
         self._dreg_depth += 1
         try:
-            if self._dreg_depth == 1:
+            # with model_init and no model yet, train() builds one: call_model_init attaches to it
+            if self._dreg_depth == 1 and self.model is not None:
                 if self._regularizer_model is not self.model:
                     self._build_regularizer(self.model)
                 self.regularizer.activate(self.model)
             yield
         finally:
             self._dreg_depth -= 1
-            if self._dreg_depth == 0:
+            if self._dreg_depth == 0 and self.regularizer is not None:
                 self.regularizer.deactivate()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -142,7 +147,7 @@ class DREGTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
-        if getattr(self, "regularizer", None) is not None:  # train() rebuilt the model: sites of the new one
+        if getattr(self, "_dreg_ready", False):  # train() rebuilt the model: the sites of the new one
             attached = self._dreg_depth > 0
             self._build_regularizer(model)
             if attached:
@@ -350,12 +355,16 @@ class DREGTrainerMixin:
             self.dreg_config.save_pretrained(folder)
 
     def create_model_card(self, *args, tags=None, **kwargs):
-        """The base trainer's model card plus the regularizer, its strength, the DREG sites, the data regime and results."""
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(*args, tags=tags + ["hf_dreg", self.dreg_config.regularizer], **kwargs)
-        if self.is_world_process_zero():
-            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
-                f.write(dreg_card_section(self))
+        """One valid model card (``README.md``) for any base trainer: the base trainer's card, its metadata completed
+        (tags ``hf_dreg`` and the regularizer, ``model-index`` of the evaluation results, base model, datasets,
+        library) and the DREG section (regularizer, strength, sites, data regime, results).
+
+        Takes the arguments of the base class's ``create_model_card`` (transformers: ``model_name``,
+        ``finetuned_from``, ``dataset``...; TRL: ``model_name``, ``dataset_name``), whichever the base is.
+        """
+        from .model_card import write_model_card
+
+        write_model_card(self, super().create_model_card, *args, tags=tags, **kwargs)
 
     # ---- resuming --------------------------------------------------------------------------------
 
