@@ -1,18 +1,22 @@
 """Evaluation metrics shipped inside the package, so that they load offline with ``evaluate``.
 
-Each metric is an ``evaluate`` module folder (``metrics/<name>/<name>.py``) computed with
-scikit-learn; ``load_metric(name)`` is ``evaluate.load`` of that folder, never the Hub.
+Each metric is an ``evaluate`` module folder (``metrics/<name>/<name>.py``): accuracy and f1
+computed with scikit-learn, chrf (chrF/chrF++, sacreBLEU's statistics) and rouge_l (ROUGE-L,
+rouge_score's tokenization) implemented here; ``load_metric(name)`` is ``evaluate.load`` of that
+folder, never the Hub.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import evaluate
 import numpy as np
 
 METRICS_DIR = Path(__file__).resolve().parent
-AVAILABLE = ("accuracy", "f1")
+AVAILABLE = ("accuracy", "f1", "chrf", "rouge_l")
 
 
 def metric_path(name: str) -> str:
@@ -23,7 +27,7 @@ def metric_path(name: str) -> str:
 
 
 def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
-    """``evaluate.load`` of the packaged metric ``name`` ('accuracy' or 'f1'); works offline."""
+    """``evaluate.load`` of the packaged metric ``name`` ('accuracy', 'f1', 'chrf', 'rouge_l'); works offline."""
     return evaluate.load(metric_path(name), **kwargs)
 
 
@@ -49,4 +53,12 @@ def classification_metrics():
     return compute_metrics
 
 
-__all__ = ["AVAILABLE", "METRICS_DIR", "classification_metrics", "load_metric", "metric_path"]
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean token cross-entropy (inf when it overflows)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+__all__ = ["AVAILABLE", "METRICS_DIR", "classification_metrics", "load_metric", "metric_path", "perplexity"]
