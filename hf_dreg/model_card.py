@@ -99,10 +99,11 @@ def infer_task(model) -> str | None:
     from transformers.modelcard import TASK_MAPPING
 
     name = _base_model_class(model).__name__
-    for task, mapping in TASK_MAPPING.items():
+    found = None
+    for task, mapping in TASK_MAPPING.items():  # the last match, as transformers' own card (BART: fill-mask, then text2text)
         if name in {n for v in mapping.values() for n in (v if isinstance(v, (list, tuple)) else [v])}:
-            return task
-    return None
+            found = task
+    return found
 
 
 def _looks_local(name: str) -> bool:
