@@ -139,8 +139,9 @@ def dataset_info(trainer, dataset_name=None) -> dict:
     if builder and builder not in LOCAL_BUILDERS:
         name = getattr(info, "dataset_name", None) or builder
         return {"name": name, "type": name, "config": getattr(info, "config_name", None), "split": str(getattr(ds, "split", "") or "") or None, "hub": True}
-    kind = builder or "custom"
-    return {"name": f"local {kind} data", "type": kind, "hub": False}
+    if builder:
+        return {"name": f"local {builder} files", "type": builder, "hub": False}
+    return {"name": "custom data", "type": "custom", "hub": False}
 
 
 def card_eval_results(results: dict[str, float], task: str, dataset: dict) -> list[EvalResult]:
