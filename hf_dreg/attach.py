@@ -185,7 +185,7 @@ class DREGHandle:
                     "(PEFT prompt/prefix tuning's virtual tokens, a custom 4-D mask): DREG cannot tell padding from "
                     "tokens there. Use LoRA instead of prompt tuning, or pass a 2-D mask of the positions the model computes."
                 )
-            weights = mask.to(p.dtype)
+            weights = mask.to(device=p.device, dtype=p.dtype)
             out.append((site, (p * weights).sum(), weights.sum()))
         return out
 

@@ -231,6 +231,7 @@ class DREGTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         regularizer = self.regularizer
+        self._dreg_loss_seen = True
         masks = position_masks(inputs)  # before the base class pops anything (labels) from the batch
 
         def task_loss(model, inputs):
@@ -261,6 +262,16 @@ class DREGTrainerMixin:
             self._record("train", "task_loss", loss.detach())
             loss = loss + self.dreg_config.reg_lambda * term
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        self._dreg_loss_seen = False
+        result = super().prediction_step(model, inputs, *args, **kwargs)
+        regularizer = self.regularizer
+        if not self._dreg_loss_seen and isinstance(regularizer, DREG) and regularizer.handle is not None and "labels" in inputs:
+            # the base class computed the loss with its own forward, not compute_loss (Seq2SeqTrainer with
+            # predict_with_generate: generate, then model(**inputs)): the penalty of that last forward
+            self._record("eval", regularizer.name, regularizer.value_of_last_forward(position_masks(inputs)))
+        return result
 
     def _record(self, mode: str, key: str, value) -> None:
         self._dreg_metrics[mode].setdefault(key, []).append(value)

@@ -49,6 +49,11 @@ class DREG(Regularizer):
             term = self.step_normalised(sums, step)
         return loss, outputs, Penalty(term=term, value=local.mean().detach(), extra=extra)
 
+    def value_of_last_forward(self, masks):
+        """The DREG value (mean over sites of the masked mean) of the model's last forward, detached."""
+        sums = self.handle.site_sums(masks=masks)
+        return torch.stack([total / count.clamp_min(1) for _, total, count in sums]).mean().detach()
+
     @staticmethod
     def step_normalised(sums, step):
         """This micro-batch's share of the step's DREG.
