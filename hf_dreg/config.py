@@ -50,7 +50,18 @@ class DREGConfig:
     )
     dreg_target_ratio: float = field(
         default=DEFAULT_TARGET_RATIO,
-        metadata={"help": "With --dreg_lambda auto: the gradient ratio lambda is calibrated to (default 0.1)."},
+        metadata={
+            "help": "With --dreg_lambda auto (or --reg_lambda auto for spectral_norm, igpen, jacobian): the gradient "
+            "ratio ||grad lambda*R|| / ||grad task loss|| the strength is calibrated to (default 0.1)."
+        },
+    )
+    dreg_recalibrate_steps: int = field(
+        default=0,
+        metadata={
+            "help": "With an 'auto' strength: calibrate it again every N optimizer steps (on the first micro-batch of "
+            "the step), so that the gradient ratio stays near the target as training goes on; 0 = calibrate once, on "
+            "the first batch. Every calibration is logged as reg_lambda and kept in trainer.reg_lambdas."
+        },
     )
     dreg_activations: str = field(
         default="gelu",
@@ -75,11 +86,12 @@ class DREGConfig:
         default="dreg",
         metadata={"help": f"Which regularizer to train with: {', '.join(REGULARIZERS)}.", "choices": list(REGULARIZERS)},
     )
-    reg_lambda: float | None = field(
+    reg_lambda: float_or_auto = field(
         default=None,
         metadata={
             "help": "Strength of the regularizer. Defaults: dreg = dreg_lambda, weight_decay 0.01 (the AdamW decay), "
-            "spectral_norm 0.01, igpen 0.01, jacobian 0.01."
+            "spectral_norm 0.01, igpen 0.01, jacobian 0.01. 'auto' (spectral_norm, igpen, jacobian) calibrates it "
+            "to dreg_target_ratio as --dreg_lambda auto does for DREG."
         },
     )
     spectral_mode: str = field(
@@ -117,6 +129,10 @@ class DREGConfig:
             raise ValueError(f"dreg_target_ratio must be a finite number > 0, got {self.dreg_target_ratio!r}.")
         if self.reg_ratio_interval < 0:
             raise ValueError(f"reg_ratio_interval must be >= 0 (0 = off), got {self.reg_ratio_interval}.")
+        if self.dreg_recalibrate_steps < 0:
+            raise ValueError(f"dreg_recalibrate_steps must be >= 0 (0 = calibrate once), got {self.dreg_recalibrate_steps}.")
+        if isinstance(self.reg_lambda, str):
+            self.reg_lambda = float_or_auto(self.reg_lambda)
         if self.reg_lambda is not None and self.reg_lambda != AUTO:
             _check_strength("reg_lambda", self.reg_lambda)
         self._resolve_strength()
@@ -143,6 +159,11 @@ class DREGConfig:
             return
         if self.reg_lambda is None:
             self.reg_lambda = DEFAULT_REG_LAMBDA[self.regularizer]
+        if self.reg_lambda == AUTO and self.regularizer in ("none", "weight_decay"):
+            raise ValueError(
+                f"reg_lambda='auto' calibrates a penalty's gradient against the task loss's; regularizer="
+                f"{self.regularizer!r} adds no penalty to the loss: give its strength as a number."
+            )
 
     def resolve_weight_decay(self, weight_decay: float) -> float:
         """The optimizer's weight decay under this config (regularizer='weight_decay' sets it to reg_lambda)."""
@@ -161,9 +182,22 @@ class DREGConfig:
         return value.split(",") if isinstance(value, str) and "," in value else value
 
     @property
+    def auto_strength(self) -> bool:
+        """Whether the strength is calibrated to ``dreg_target_ratio`` (``--dreg_lambda auto`` / ``--reg_lambda auto``)."""
+        if self.regularizer == "dreg":
+            return self.dreg_lambda == AUTO
+        return self.reg_lambda == AUTO or bool(getattr(self, "_reg_lambda_auto", False))
+
+    @property
     def calibrates(self) -> bool:
-        """True while ``--dreg_lambda auto`` has not yet calibrated the strength."""
-        return self.regularizer == "dreg" and self.reg_lambda == AUTO
+        """True while an 'auto' strength has not yet been calibrated."""
+        return self.reg_lambda == AUTO and self.regularizer != "none"
+
+    def set_calibrated(self, strength: float) -> None:
+        """Replace the 'auto' strength (or the last calibration) by ``strength``."""
+        if self.regularizer != "dreg" and self.reg_lambda == AUTO:
+            self._reg_lambda_auto = True  # remembered: reg_lambda now holds the number
+        self.reg_lambda = strength
 
     def dreg_config_dict(self) -> dict:
         """The settings that define a run's penalty (saved beside every checkpoint)."""
@@ -172,8 +206,11 @@ class DREGConfig:
             config.update(dreg_activations=self.dreg_activations, dreg_exclude_modules=self.dreg_exclude_modules)
         if self.regularizer == "dreg":
             config["dreg_lambda"] = self.dreg_lambda
-            if self.dreg_lambda == AUTO:
-                config["dreg_target_ratio"] = self.dreg_target_ratio
+        if self.auto_strength:
+            config["reg_lambda_auto"] = True
+            config["dreg_target_ratio"] = self.dreg_target_ratio
+            if self.dreg_recalibrate_steps:
+                config["dreg_recalibrate_steps"] = self.dreg_recalibrate_steps
         if self.regularizer == "spectral_norm":
             config.update(spectral_mode=self.spectral_mode, spectral_power_iterations=self.spectral_power_iterations)
         if self.regularizer == "jacobian":
@@ -196,8 +233,9 @@ class DREGConfig:
             return self
         values = self.dreg_dict()
         reg_lambda = values.pop("reg_lambda")
-        config = DREGConfig(**values, reg_lambda=None if reg_lambda == AUTO else reg_lambda)
+        config = DREGConfig(**values, reg_lambda=None if reg_lambda == AUTO or self.auto_strength else reg_lambda)
         config.reg_lambda = reg_lambda
+        config._reg_lambda_auto = getattr(self, "_reg_lambda_auto", False)
         return config
 
     def save_pretrained(self, folder: str) -> None:
@@ -205,7 +243,7 @@ class DREGConfig:
         import os
 
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump({**self.dreg_dict(), "penalty": self.dreg_config_dict()}, f, indent=2)
+            json.dump({**self.dreg_dict(), "reg_lambda_auto": self.auto_strength, "penalty": self.dreg_config_dict()}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "DREGConfig":
@@ -216,9 +254,11 @@ class DREGConfig:
             saved = json.load(f)
         values = {k: v for k, v in saved.items() if k in cls.field_names()}
         reg_lambda = values.pop("reg_lambda", None)
-        config = cls(**values, reg_lambda=None if reg_lambda == AUTO or values.get("regularizer", "dreg") == "dreg" else reg_lambda)
+        auto = saved.get("reg_lambda_auto", reg_lambda == AUTO)
+        config = cls(**values, reg_lambda=None if auto or values.get("regularizer", "dreg") == "dreg" else reg_lambda)
         if reg_lambda is not None:
             config.reg_lambda = reg_lambda
+        config._reg_lambda_auto = bool(auto) and config.regularizer != "dreg"
         return config
 
 

@@ -71,6 +71,7 @@ class DREGTrainerMixin:
         self._positions: dict[str, torch.Tensor] = {}
         self._loss_kwargs_decided = False
         self.reg_grad_ratios: list[tuple[int, float]] = []  # (optimizer step, ratio) of every measurement
+        self.reg_lambdas: list[tuple[int, float]] = []  # (optimizer step, lambda) of every 'auto' calibration
         self._warned: set[str] = set()
         self.regularizer = None
         self._regularizer_model = None
@@ -255,11 +256,12 @@ class DREGTrainerMixin:
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             term = penalty.term / steps if scaled else penalty.term
-            if self.dreg_config.calibrates:
+            if self._calibration_due(model):
                 self._calibrate(model, loss, term)
             elif self._should_measure_ratio():
                 self._measure_ratio(model, loss, term)
-            self._record("train", "task_loss", loss.detach())
+            # logged per step: a loss normalised over the whole step is one micro-batch's part of it
+            self._record("train", "task_loss", loss.detach() * steps if scaled else loss.detach())
             loss = loss + self.dreg_config.reg_lambda * term
         return (loss, outputs) if return_outputs else loss
 
@@ -288,20 +290,40 @@ class DREGTrainerMixin:
             term_norm = self.accelerator.reduce(term_norm, reduction="mean")
         return task_norm, term_norm
 
+    def _calibration_due(self, model) -> bool:
+        """An 'auto' strength is calibrated on the first batch, and with dreg_recalibrate_steps N again on the
+        first micro-batch of every N-th optimizer step."""
+        config = self.dreg_config
+        if config.calibrates:
+            return True
+        every = config.dreg_recalibrate_steps
+        step = self.state.global_step
+        if not (config.auto_strength and every and model.training) or step == 0 or step % every:
+            return False
+        return getattr(self, "_last_calibrated_step", None) != step
+
     def _calibrate(self, model, loss, term) -> None:
-        """--dreg_lambda auto: lambda such that ||grad lambda*R|| = target * ||grad task loss|| on this batch."""
+        """An 'auto' strength: lambda such that ||grad lambda*R|| = target * ||grad task loss|| on this micro-batch."""
         task_norm, term_norm = self._gradient_norms(model, loss, term)
+        first = self.dreg_config.calibrates
         if not float(term_norm) > 0:
-            raise ValueError("--dreg_lambda auto: the penalty has no gradient on the first batch; set dreg_lambda explicitly.")
+            if first:
+                raise ValueError(
+                    "'auto' strength: the penalty has no gradient on the first batch; set dreg_lambda (reg_lambda) explicitly."
+                )
+            return  # keep the last calibration
         target = self.dreg_config.dreg_target_ratio
         strength = target * float(task_norm) / float(term_norm)
-        self.dreg_config.reg_lambda = strength
+        step = self.state.global_step
+        self._last_calibrated_step = step
+        self.dreg_config.set_calibrated(strength)
+        self.reg_lambdas.append((step, strength))
         self._record("train", "reg_lambda", torch.tensor(strength))
         self._record("train", "reg_grad_ratio", torch.tensor(target))
-        self.reg_grad_ratios.append((self.state.global_step, float(target)))
-        logger.warning(
-            f"--dreg_lambda auto: lambda = {strength:.4g} gives a gradient ratio of {target} "
-            f"(||grad task|| = {float(task_norm):.4g}, ||grad R|| = {float(term_norm):.4g} on the first batch)."
+        self.reg_grad_ratios.append((step, float(target)))
+        (logger.warning if first else logger.info)(
+            f"'auto' strength of {self.regularizer.name} at step {step}: lambda = {strength:.4g} gives a gradient ratio "
+            f"of {target} (||grad task|| = {float(task_norm):.4g}, ||grad R|| = {float(term_norm):.4g})."
         )
 
     def _should_measure_ratio(self) -> bool:
@@ -384,8 +406,8 @@ class DREGTrainerMixin:
             return
         saved = DREGConfig.from_pretrained(checkpoint)
         config = self.dreg_config
-        if config.dreg_lambda == AUTO and saved.dreg_lambda == AUTO and saved.reg_lambda != AUTO:
-            config.reg_lambda = saved.reg_lambda  # keep the strength calibrated at the start of the run
+        if config.auto_strength and saved.auto_strength and saved.reg_lambda != AUTO and config.regularizer == saved.regularizer:
+            config.set_calibrated(saved.reg_lambda)  # keep the strength calibrated so far
         if saved.dreg_config_dict() != config.dreg_config_dict():
             logger.warning(
                 f"Resuming from {checkpoint} with regularizer settings {config.dreg_config_dict()}, but it was trained "

@@ -158,6 +158,18 @@ def test_sft_logs_dreg_beside_trls_metrics(tmp_path, tok):
     assert DREGConfig.from_pretrained(str(tmp_path / "saved")).dreg_config_dict() == trainer.dreg_config.dreg_config_dict()
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_logged_task_loss_is_the_steps_task_loss(tmp_path, tok, accumulation):
+    """At a negligible lambda the logged task_loss equals the logged loss, whatever the accumulation
+    (TRL's loss is normalised over the whole step, so each micro-batch's loss is only part of it)."""
+    args = sft_args(tmp_path, f"ga{accumulation}", 4 // accumulation, accumulation, max_steps=2)
+    trainer = with_dreg(SFTTrainer)(model=tiny_lm("gpt2", tok.vocab_size), args=args, train_dataset=text_data(),
+                                    processing_class=tok, dreg_config=DREGConfig(dreg_lambda=1e-12))  # fmt: skip
+    trainer.train()
+    for entry in logs_with(trainer, "loss"):
+        assert entry["task_loss"] == pytest.approx(entry["loss"], rel=2e-5)
+
+
 def test_dreg_config_parses_beside_sft_config(tmp_path):
     from dataclasses import dataclass, field
 
