@@ -24,6 +24,7 @@ from .sites import NoSitesError
 from .data import add_image_noise, add_text_noise, apply_label_noise, check_columns, load_raw_datasets, select_samples_per_class
 from .metrics import classification_metrics
 from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
+from .provenance import code_revision
 from .trainer import DREGTrainer
 
 logger = tf.utils.logging.get_logger(__name__)
@@ -219,6 +220,7 @@ def run_classification(
             **trainer.regularizer.describe(),
         },
         **trainer.run_info,
+        "code": code_revision(),
     }
     trainer.run_info["results"] = {k: v for k, v in metrics.items() if k.startswith("eval")}
     if not save:

@@ -90,6 +90,8 @@ def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]
 
 
 def versions() -> dict:
+    from .provenance import code_revision
+
     import datasets
     import torch
     import transformers
@@ -102,6 +104,7 @@ def versions() -> dict:
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
         "python": platform.python_version(),
+        **code_revision(),  # the git commit of the code, and whether its tracked files had changes
     }
 
 

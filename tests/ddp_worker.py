@@ -74,7 +74,7 @@ def train(out_dir: str, per_device_batch: int, steps: int = 2, collator: bool = 
         dreg_lambda=1.0,
         dreg_fused=False,
         train_sampling_strategy="sequential",
-        use_cpu=True,
+        use_cpu=overrides.pop("use_cpu", True),
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         report_to=[],
         save_strategy="no",

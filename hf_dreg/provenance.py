@@ -1,0 +1,28 @@
+"""Which code produced a result: the git commit of the hf_dreg source and whether its tree had changes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+
+
+@functools.lru_cache(maxsize=4)
+def code_revision(folder: str | None = None) -> dict:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the repository hf_dreg is imported from.
+
+    ``dirty`` is True when tracked files differ from the commit (untracked files do not count). Both
+    are None for an installed (non-git) copy of the package. Read once per process. ``folder``: another
+    source folder to ask about (default: hf_dreg's own).
+    """
+    folder = folder or os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}

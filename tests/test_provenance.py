@@ -1,0 +1,50 @@
+"""Every result records the code that produced it: the git commit and whether the tree had changes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hf_dreg.provenance import code_revision
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args, cwd=ROOT):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_commit_and_dirty_flag_of_this_checkout():
+    try:
+        head = _git("rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    revision = code_revision.__wrapped__()
+    assert revision["commit"] == head
+    assert revision["dirty"] == bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def test_a_changed_tracked_file_makes_the_tree_dirty(tmp_path):
+    _git("init", "-q", cwd=tmp_path)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    _git("add", "a.py", cwd=tmp_path)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", cwd=tmp_path)
+    clean = code_revision.__wrapped__(str(tmp_path))
+    assert clean == {"commit": _git("rev-parse", "HEAD", cwd=tmp_path), "dirty": False}
+    (tmp_path / "untracked.py").write_text("y = 2\n")
+    assert code_revision.__wrapped__(str(tmp_path))["dirty"] is False  # untracked files do not count
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_revision.__wrapped__(str(tmp_path))["dirty"] is True
+
+
+def test_outside_git_both_are_unknown(tmp_path):
+    assert code_revision.__wrapped__(str(tmp_path)) == {"commit": None, "dirty": None}
+
+
+def test_sweep_records_carry_the_revision():
+    from hf_dreg.sweep import versions
+
+    record = versions()
+    assert {"commit", "dirty"} <= set(record) and record["commit"] == code_revision()["commit"]
