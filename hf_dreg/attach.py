@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from .activations import spec_for
 from .layers import weight_rows
 from .penalty import gated_site_penalty, plain_site_penalty, row_dots, row_stats
-from .positions import MASK_KEYS as _MASK_KEYS
 from .positions import position_masks
 from .sites import PLAIN, Site, find_sites
 

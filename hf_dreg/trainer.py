@@ -21,7 +21,6 @@ Exactness (README "Correct under"):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 
 import torch
@@ -33,7 +32,6 @@ from .args import DREGTrainingArguments, require_non_reentrant_checkpointing
 from .attach import check_finite
 from .config import AUTO, CONFIG_NAME, DREGConfig
 from .diagnostics import gradient_norms
-from .model_card import dreg_card_section
 from .positions import count_positions, position_masks
 from .regularizers import DREG, StepInfo, build_regularizer
 

@@ -31,7 +31,6 @@ from trainer_helpers import (
     difference,
     lm_data,
     make_args,
-    parameters,
     relative_difference,
     seq2seq_data,
     sgd,

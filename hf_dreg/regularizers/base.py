@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 TaskLoss = Callable[[nn.Module, dict], tuple[Tensor, Any]]
