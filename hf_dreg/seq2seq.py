@@ -20,9 +20,9 @@ import numpy as np
 import transformers as tf
 
 from .config import DREGConfig
-from .metrics import load_metric, perplexity
-from .model_card import metric_results
+from .metrics import load_metric
 from .text_data import DatasetArguments, check_columns, dataset_card_info, load_splits
+from .train_and_save import train_evaluate_save
 from .trainer import with_dreg
 
 logger = tf.utils.logging.get_logger(__name__)
@@ -144,31 +144,12 @@ def run_seq2seq(model_args: Seq2SeqModelArguments, data_args: Seq2SeqDataArgumen
     )
     trainer.run_info = {"model": name, "data": record, "task": "text2text-generation", "dataset": dataset_card_info(data_args, record)}
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_metrics = dict(train_result.metrics)
-    train_metrics["train_examples"] = len(train)
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
-
-    eval_metrics = {}
-    if evaluation is not None:
-        max_length = training_args.generation_max_length or data_args.max_target_length
-        eval_metrics = trainer.evaluate(max_length=max_length, num_beams=training_args.generation_num_beams)
-        eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
-        eval_metrics["eval_examples"] = len(evaluation)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        trainer.run_info["results"] = metric_results(eval_metrics)
-
+    max_length = training_args.generation_max_length or data_args.max_target_length
     card_kwargs = {"dataset": data_args.dataset_name} if data_args.dataset_name else {}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card_kwargs)  # saves the model and the card, then uploads the output folder
-    else:
-        trainer.save_model()
-        trainer.create_model_card(**card_kwargs)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers
-        trainer.end()
+    train_metrics, eval_metrics = train_evaluate_save(
+        trainer, training_args, len(train), len(evaluation) if evaluation is not None else None,
+        eval_kwargs={"max_length": max_length, "num_beams": training_args.generation_num_beams}, card_kwargs=card_kwargs,
+    )
     return Seq2SeqRun(trainer, train_metrics, eval_metrics)
 
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import transformers as tf
 
 from .config import DREGConfig
-from .metrics import perplexity
-from .model_card import metric_results
 from .text_data import DatasetArguments, dataset_card_info, load_splits
+from .train_and_save import train_evaluate_save
 
 try:
     from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
@@ -130,30 +129,10 @@ def run_sft(data_args: DatasetArguments, training_args: SFTConfig, model_args: M
         record["lora"] = f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, targets={model_args.lora_target_modules}"
     trainer.run_info = {"model": name, "data": record, "task": "text-generation", "dataset": dataset_card_info(data_args, record)}
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_metrics = dict(train_result.metrics)
-    train_metrics["train_examples"] = len(train)
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
-
-    eval_metrics = {}
-    if evaluation is not None:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
-        eval_metrics["eval_examples"] = len(evaluation)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        trainer.run_info["results"] = metric_results(eval_metrics)
-
     card_kwargs = {"dataset_name": data_args.dataset_name} if data_args.dataset_name else {}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card_kwargs)  # saves the model and the card, then uploads the output folder
-    else:
-        trainer.save_model()
-        trainer.create_model_card(**card_kwargs)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers
-        trainer.end()
+    train_metrics, eval_metrics = train_evaluate_save(
+        trainer, training_args, len(train), len(evaluation) if evaluation is not None else None, card_kwargs=card_kwargs
+    )
     return SFTRun(trainer, train_metrics, eval_metrics)
 
 
