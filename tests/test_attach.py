@@ -200,27 +200,93 @@ def test_vit_without_mask_counts_every_position():
 # ---- per_site --------------------------------------------------------------------------------------
 
 
-def test_per_site_is_keyed_by_site_and_averages_to_the_penalty():
-    model = tiny_model("t5", dtype=torch.float64).eval()
-    inputs = _inputs(model, "t5")
+def _per_site_by_hand(model, family, z: dict, masks: dict) -> dict[str, float]:
+    """Site -> masked mean over positions of (1/m) ||J||_F^2, J the site's local Jacobian built from its own z.
+
+    Plain: J = diag(act'(z)) W; gated: J = diag(act'(g) * u) W_g + diag(act(g)) W_u (DREG.md); act' by autograd.
+    ``z`` holds each feeding Linear's output (z = W x + b, or g and u), captured by forward hooks.
+    """
+    modules = dict(model.named_modules())
+    values = {}
+    for site in expected_sites(family):
+        act = modules[site.name]
+        g = z[site.inputs[0]].detach().requires_grad_(True)
+        with torch.enable_grad():
+            a = act.forward(g)  # not act(g): that would run the hooks of the attached handle
+            (slope,) = torch.autograd.grad(a.sum(), g)
+        w_gate = modules[site.inputs[0]].weight.detach()  # (m, d)
+        if site.kind == "plain":
+            jac = slope[..., :, None] * w_gate
+        else:
+            u, w_up = z[site.inputs[1]], modules[site.inputs[1]].weight.detach()
+            jac = (slope * u)[..., :, None] * w_gate + a.detach()[..., :, None] * w_up
+        per_position = jac.pow(2).sum((-2, -1)) / jac.shape[-2]
+        mask = masks[site.mask_key].to(per_position.dtype)
+        values[site.name] = float((per_position * mask).sum() / mask.sum())
+    return values
+
+
+def _feeding_outputs(model, family):
+    """Forward hooks keeping the output of every feeding Linear of the family's sites."""
+    modules = dict(model.named_modules())
+    store, hooks = {}, []
+    for path in {p for site in expected_sites(family) for p in site.inputs}:
+        hooks.append(modules[path].register_forward_hook(lambda m, a, out, path=path: store.__setitem__(path, out)))
+    return store, hooks
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])  # plain; gated with encoder and decoder positions
+def test_per_site_values_are_each_sites_penalty_by_hand(family):
+    model = _f64_model(family)
     handle = hf_dreg.attach(model)
-    with torch.no_grad():
+    z, hooks = _feeding_outputs(model, family)
+    try:
+        checked = []
+        for seed in (0, 5):  # a new forward: per_site() describes it, not the previous one
+            changed = _inputs(model, family, seed=seed)
+            with torch.no_grad():
+                model(**changed)
+                values = handle.per_site()  # before penalty(): computed now
+                handle.penalty()
+            assert list(values) == [s.name for s in expected_sites(family)]  # keyed by site, in model order
+            assert all(type(v) is float for v in values.values())
+            assert handle.per_site() == values
+            expected = _per_site_by_hand(model, family, z, _masks(changed))
+            for name, value in expected.items():
+                assert values[name] == pytest.approx(value, rel=1e-10), name
+            checked.append(expected)
+            # padding is excluded: counting every position would give other values at every site
+            unmasked = _per_site_by_hand(model, family, z, {k: torch.ones_like(m) for k, m in _masks(changed).items()})
+            assert all(unmasked[name] != pytest.approx(expected[name], rel=1e-6) for name in expected)
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.detach()
+    # the sites have values of their own, and the two forwards differ at every site
+    assert len({round(v, 12) for v in checked[0].values()}) == len(checked[0])
+    assert all(checked[0][name] != pytest.approx(checked[1][name], rel=1e-6) for name in checked[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "attach.py DREGHandle: a site's collected pieces (_Pieces: g, a, w_gate, ...) are not reset when the model is "
+        "called (_on_model_call resets _records and _last only), so a call of the site's activation module outside "
+        "a forward leaves its input behind, and the next forward's plain site fires at its feeding layer's hook with "
+        "that stale input: tiny BERT (float64, weights x4) penalty 0.0284787, after act(zeros) 0.0276303, the "
+        "forward after that 0.0284787 again"
+    ),
+)
+def test_calling_a_site_activation_between_forwards_does_not_change_the_next_penalty():
+    model = _f64_model("bert")
+    inputs = tiny_inputs(model)
+    with hf_dreg.attach(model) as handle, torch.no_grad():
         model(**inputs)
-        values = handle.per_site()  # before penalty(): computed now
-        total = handle.penalty()
-    assert list(values) == [s.name for s in handle.sites]
-    assert all(type(v) is float for v in values.values())
-    assert abs(sum(values.values()) / len(values) - total.item()) < 1e-12 * total.item()
-    assert handle.per_site() == values
-    # a new forward: per_site() describes it, not the previous one
-    changed = _inputs(model, "t5", seed=5)
-    with torch.no_grad():
-        model(**changed)
-        fresh = handle.per_site()
-        fresh_total = handle.penalty()
-    assert fresh != values
-    assert abs(sum(fresh.values()) / len(fresh) - fresh_total.item()) < 1e-12 * fresh_total.item()
-    handle.detach()
+        expected = handle.penalty()
+        model.bert.encoder.layer[0].intermediate.intermediate_act_fn(torch.zeros(3, 6, 24, dtype=torch.float64))
+        model(**inputs)
+        again = handle.penalty()
+    assert again.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 # ---- reversibility ---------------------------------------------------------------------------------

@@ -6,31 +6,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_dreg import DREGTrainingArguments
 from hf_dreg.cli import main as cli_main
 from hf_dreg.finetune import DataArguments, prepare_splits, run_classification
 from hf_dreg.models import ModelArguments
 from hf_dreg.script_args import parse_finetuning_args
+from trainer_helpers import LOGGED, make_args, plain_sites, task_and_dreg_by_hand
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _args(tmp_path, **extra):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=64,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        dreg_fused=False,
-        save_strategy="no",
-        logging_steps=1,
-    )
-    base.update(extra)
-    return DREGTrainingArguments(**base)
+    return make_args(tmp_path, **{"max_steps": 2, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 64, **extra})
 
 
 def _scratch_bert(**extra):
@@ -39,10 +28,20 @@ def _scratch_bert(**extra):
 
 def test_text_end_to_end_with_label_and_eval_noise(shared_data, tmp_path):
     data = DataArguments(data_dir=str(shared_data / "trec6"), samples_per_class=3, max_eval_samples=40, label_noise=0.5, eval_noise=0.3)
-    results = run_classification(_scratch_bert(), data, _args(tmp_path))
+    args = _args(tmp_path)
+    results = run_classification(_scratch_bert(), data, args)
     metrics = results["metrics"]
-    for key in ("eval_accuracy", "eval_macro_f1", "eval_noisy_accuracy", "eval_noisy_macro_f1", "eval_dreg"):
-        assert 0.0 <= metrics[key] <= 1.0 or key == "eval_dreg", key
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_noisy_accuracy", "eval_noisy_macro_f1"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # eval_dreg is the penalty of the 40 evaluation texts (one batch of 64), recomputed by hand on the trained model
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").double().eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    splits, _ = prepare_splits(data, seed=args.seed)
+    batch = tok(list(splits["validation"]["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
+    assert len(splits["validation"]) == 40 and (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        _, expected = task_and_dreg_by_hand(model, "bert", dict(batch), sites=plain_sites("bert", layers=1))
+    assert metrics["eval_dreg"] == pytest.approx(float(expected), rel=LOGGED)
     assert results["data"]["train_examples"] == 18 and results["data"]["eval_examples"] == 40
     assert results["data"]["labels_flipped"] > 0
     saved = json.loads((tmp_path / "out" / "all_results.json").read_text())

@@ -1,5 +1,7 @@
 """The study's comparators: each checked against an explicit computation, then through DREGTrainer."""
 
+import functools
+import logging
 import math
 
 import pytest
@@ -8,8 +10,25 @@ from datasets import Dataset
 
 from hf_dreg import DREGTrainer, DREGTrainingArguments
 from hf_dreg.regularizers import PowerIteration, StepInfo, jacobian_frobenius
-from hf_dreg.regularizers.base import model_inputs_with_grad
 from tiny_models import tiny_inputs, tiny_model
+from trainer_helpers import (
+    LOGGED,
+    PreActivations,
+    assert_weights_close,
+    classification_data,
+    difference,
+    dreg_per_site_by_hand,
+    gradients,
+    logs_with,
+    make_args,
+    no_dropout,
+    norm_of,
+    parameters,
+    plain_sites,
+    sgd,
+    tiny_text_model,
+    tokenizer,
+)
 
 REGS = ["none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg"]
 
@@ -29,8 +48,7 @@ def test_power_iteration_converges_to_spectral_norm_and_has_the_right_gradient()
 
 
 def test_igpen_equals_explicit_autograd():
-    model = tiny_model("bert").double()
-    model.train()
+    model = no_dropout(tiny_model("bert").double()).train()  # dropout off so both computations see the same function
     inputs = tiny_inputs(model)
     labels = torch.tensor([0, 2, 1])
     from hf_dreg.regularizers import InputGradient
@@ -42,9 +60,6 @@ def test_igpen_equals_explicit_autograd():
         out = m(**i, labels=labels)
         return out.loss, out
 
-    for module in model.modules():  # dropout off so both computations see the same function
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     _, _, penalty = reg.compute(model, dict(inputs), task_loss, StepInfo())
     expected = 0.0
     for b in range(3):
@@ -57,17 +72,14 @@ def test_igpen_equals_explicit_autograd():
 
 
 @pytest.mark.parametrize("reg", ["igpen", "jacobian"])
-def test_input_penalties_train_the_token_embeddings(reg):
+def test_input_penalties_train_the_token_embeddings(reg, tmp_path):
     """The task loss still trains the embeddings, and the penalty's embedding gradient is its true derivative."""
     from hf_dreg.regularizers import InputGradient, Jacobian
 
-    model = tiny_model("bert").double().train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    model = no_dropout(tiny_model("bert").double()).train()
     inputs = tiny_inputs(model)
     labels = torch.tensor([0, 2, 1])
-    args = DREGTrainingArguments(output_dir="unused", regularizer=reg, jacobian_exact=True, use_cpu=True, report_to=[])
+    args = make_args(tmp_path, regularizer=reg, jacobian_exact=True)
     regularizer = (InputGradient if reg == "igpen" else Jacobian)(model, args)
     embedding = model.get_input_embeddings().weight
 
@@ -113,74 +125,203 @@ def test_jacobian_exact_equals_jacrev_and_projection_is_unbiased():
     assert abs(estimates.mean() - exact.detach()) < 4 * stderr, (estimates.mean(), exact, stderr)
 
 
-def _text_dataset(n=8, seq=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 99, (n, seq), generator=g)
-    mask = torch.ones(n, seq, dtype=torch.long)
-    for i in range(n):
-        mask[i, seq - (i % 4) :] = 0
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": [i % 3 for i in range(n)]})
+# ---- through DREGTrainer: one SGD step of 2 x 4 accumulation against the full batch by hand -------------
+#
+# Text: the Trainer's own padding collator on texts of unequal length (the two micro-batches have 114
+# and 27 valid positions, each padded to its own longest); images: 8 random 8x8 images. The reference
+# is computed example by example (each text unpadded) in float64, by autograd, from the definitions:
+#   none           mean CE
+#   weight_decay   mean CE, and the optimizer's decay lambda * w of every weight but biases and norms
+#   spectral_norm  mean CE + lambda * sum over the MLP input Linears of sigma_max(W)^2 (exact, by SVD)
+#   igpen          mean CE + lambda * mean_b ||d CE_b / d x_b||^2 (x: token embeddings or pixels)
+#   jacobian       mean CE + lambda * mean_b ||d logits_b / d x_b||_F^2 (exact mode)
+#   dreg           mean CE + lambda * mean over sites of the mean over every valid position of the step
+#                  of (1/m) sum_i act'(z_i)^2 ||W_i||^2
+
+# strengths at which the penalty moves the update by more than 20 % of the task's (checked in the test)
+STRENGTH = {"none": None, "weight_decay": 0.5, "spectral_norm": 0.5, "igpen": 3.0, "jacobian": 20.0, "dreg": 100.0}
+POWER_ITERATIONS = 60  # spectral_norm: converged, so that the exact sigma is the reference
 
 
-def _image_dataset(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Dataset.from_dict({"pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(), "labels": [i % 3 for i in range(n)]})
+@functools.lru_cache(maxsize=None)
+def _data(family):
+    if family == "bert":
+        tok = tokenizer()
+        return tok, classification_data(tok)
+    g = torch.Generator().manual_seed(0)
+    images = Dataset.from_dict({"pixel_values": torch.randn(8, 1, 8, 8, generator=g).tolist(), "labels": [i % 3 for i in range(8)]})
+    return None, images
 
 
-def _train(family, reg, tmp_path, batch=8, accumulation=1, steps=1, **extra):
-    model = tiny_model(family, act="gelu")
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    args = DREGTrainingArguments(
-        output_dir=str(tmp_path / f"{family}-{reg}-{batch}"),
-        regularizer=reg,
-        reg_lambda=None if reg == "none" else 0.5,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=steps,
-        learning_rate=0.1,
-        optim="sgd",
-        max_grad_norm=0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        dreg_fused=False,
-        lr_scheduler_type="constant",
-        **extra,
-    )
-    data = _text_dataset() if family == "bert" else _image_dataset()
-    trainer = DREGTrainer(model=model, args=args, train_dataset=data)
-    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)
-    trainer.train()
-    return trainer
+def _initial_model(family, tok):
+    return tiny_text_model("bert", tok.vocab_size) if family == "bert" else no_dropout(tiny_model("vit", act="gelu"))
 
 
-@pytest.mark.parametrize("family", ["bert", "vit"])
-@pytest.mark.parametrize("reg", REGS)
-def test_every_regularizer_trains_and_logs_its_value(family, reg, tmp_path):
-    trainer = _train(family, reg, tmp_path, steps=2)
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
-    if reg == "none":
-        assert not any(name in logs[0] for name in REGS[1:])
-    else:
-        assert reg in logs[0], logs[0]
-        assert logs[0][reg] > 0
-    if reg in ("spectral_norm", "igpen", "jacobian", "dreg"):
-        assert logs[0]["loss"] == pytest.approx(logs[0]["task_loss"] + 0.5 * logs[0][reg], rel=1e-4)
-
-
-@pytest.mark.parametrize("reg", REGS)
-def test_gradient_accumulation_matches_full_batch(reg, tmp_path):
-    # the jacobian's random projections depend on how the batch is cut: compare its exact mode
+def _train(family, reg, out, batch, accumulation):
+    """One SGD step (weight_decay: the optimizer's decay is reg_lambda); returns (trainer, initial weights)."""
+    tok, data = _data(family)
+    model = _initial_model(family, tok)
+    init = parameters(model)
     extra = {"jacobian_exact": True} if reg == "jacobian" else {}
-    full = _train("bert", reg, tmp_path / "full", batch=8, accumulation=1, **extra)
-    split = _train("bert", reg, tmp_path / "split", batch=4, accumulation=2, **extra)
-    for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    if reg == "spectral_norm":
+        extra["spectral_power_iterations"] = POWER_ITERATIONS
+    args = make_args(
+        out, regularizer=reg, reg_lambda=STRENGTH[reg], per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, **sgd(), **extra,
+    )  # fmt: skip
+    trainer = DREGTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    return trainer, init
+
+
+@pytest.fixture(scope="module")
+def two_by_four(tmp_path_factory):
+    """The 2 x 4 run of (family, reg), trained once for the tests of this module."""
+    runs = {}
+
+    def run(family, reg):
+        if (family, reg) not in runs:
+            runs[family, reg] = _train(family, reg, tmp_path_factory.mktemp(f"{family}-{reg}"), batch=4, accumulation=2)
+        return runs[family, reg]
+
+    return run
+
+
+def _examples(family, tok, data):
+    """Each example on its own (a text unpadded), float64 where it is a float."""
+    if family == "bert":
+        return [{k: torch.tensor([v]) for k, v in data[i].items()} for i in range(len(data))]
+    return [{"pixel_values": torch.tensor([data[i]["pixel_values"]], dtype=torch.float64), "labels": torch.tensor([data[i]["labels"]])} for i in range(len(data))]
+
+
+def _decayed(name: str) -> bool:
+    """What the Trainer's optimizer decays: every weight but biases and normalisation layers."""
+    return "bias" not in name and "norm" not in name.lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(family, reg):
+    """(task loss, penalty, gradient of task + strength * penalty, the weights) at the initial weights, full batch,
+    float64, by hand."""
+    tok, data = _data(family)
+    model = _initial_model(family, tok).double().train()
+    weights = parameters(model)
+    examples = _examples(family, tok, data)
+    n = len(examples)
+    task, penalty = 0.0, 0.0
+    dreg_sum, dreg_count = {}, {}
+    for example in examples:
+        inputs = dict(example)
+        labels = inputs.pop("labels")
+        if family == "bert":
+            x = model.get_input_embeddings()(inputs.pop("input_ids"))
+            inputs["inputs_embeds"] = x
+        else:
+            x = inputs["pixel_values"].requires_grad_(True)
+        with PreActivations(model, plain_sites(family)) as captured:
+            logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        task = task + loss / n
+        if reg == "igpen":
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            penalty = penalty + g.pow(2).sum() / n
+        elif reg == "jacobian":
+            for c in range(logits.shape[-1]):
+                (g,) = torch.autograd.grad(logits[0, c], x, create_graph=True)
+                penalty = penalty + g.pow(2).sum() / n
+        elif reg == "dreg":  # sums over positions here (unpadded: every one is valid); divided by the step's count below
+            means = dreg_per_site_by_hand(model, plain_sites(family), captured.z, None)
+            for linear, site in plain_sites(family):
+                count = captured.z[linear].shape[:-1].numel()
+                dreg_sum[site] = dreg_sum.get(site, 0.0) + means[site] * count
+                dreg_count[site] = dreg_count.get(site, 0) + count
+    if reg == "dreg":
+        penalty = torch.stack([dreg_sum[s] / dreg_count[s] for s in dreg_sum]).mean()
+    elif reg == "spectral_norm":
+        modules = dict(model.named_modules())
+        penalty = sum(torch.linalg.matrix_norm(modules[linear].weight, ord=2) ** 2 for linear, _ in plain_sites(family))
+    elif reg == "weight_decay":  # the optimizer's decay lambda * w is the gradient of lambda/2 ||w||^2
+        penalty = sum(p.pow(2).sum() for name, p in model.named_parameters() if _decayed(name)) / 2
+    total = task if reg == "none" else task + STRENGTH[reg] * penalty
+    return float(task), float(penalty), gradients(total, model), weights
+
+
+# bugs of hf_dreg these tests found (not fixed here: reported)
+DREG_LOGGED_PER_MICRO_BATCH = (
+    "hf_dreg logs the unweighted mean of the micro-batches' own DREG means (regularizers/dreg.py DREG.compute: "
+    "value=local.mean(); trainer.py DREGTrainerMixin.log averages a logging step's values), not the penalty of the "
+    "step over all its valid positions, which the loss and the gradient use: 2 x 4 with 114 and 27 valid positions "
+    "logs dreg 0.00166557, the step's penalty is 0.00166913 = (loss - task_loss) / lambda"
+)
+IGPEN_UNDER_ACCUMULATION = (
+    "regularizers/input_gradient.py InputGradient.compute takes d(loss * batch size)/dx as each example's gradient, "
+    "but a model that honours num_items_in_batch (ViT here) returns sum / (examples of the whole step) under "
+    "accumulation: at 2 x 4 every example's gradient is halved and the penalty is 1/4 of its definition (logged "
+    "1.37514e-05 against 5.50054e-05 at 1 x 8; the update differs from the 1 x 8 update by 1 %)"
+)
+
+
+def _cases(regs, xfail: dict):
+    """(family, reg) for both families, with the known bugs marked."""
+    cases = []
+    for family in ("bert", "vit"):
+        for reg in regs:
+            reason = xfail.get((family, reg))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            cases.append(pytest.param(family, reg, marks=marks, id=f"{reg}-{family}"))
+    return cases
+
+
+@pytest.mark.parametrize("family, reg", _cases(REGS, {("vit", "igpen"): IGPEN_UNDER_ACCUMULATION}))
+def test_accumulated_update_is_the_full_batch_gradient_of_task_plus_strength_times_penalty(family, reg, two_by_four):
+    """2 x 4 accumulation, one SGD step: the update is -lr * grad(task + strength * penalty) of the whole batch."""
+    trainer, init = two_by_four(family, reg)
+    task, penalty, grad, weights = _reference(family, reg)
+    assert all(torch.equal(init[n].double(), weights[n]) for n in init)  # the same initial model
+    lr = trainer.args.learning_rate
+    expected = {n: init[n].double() - lr * g for n, g in grad.items()}
+    assert_weights_close(parameters(trainer.model), expected, init, rtol=1e-5)
+    if reg != "none":  # the test has power: the penalty moves the update
+        _, _, task_only, _ = _reference(family, "none")
+        share = norm_of(difference(grad, task_only)) / norm_of(task_only)
+        assert share > 0.2, share
+    # and the logged loss of the step is task + strength * penalty (the Trainer's own, not rounded)
+    (log,) = logs_with(trainer, "loss")
+    if reg in ("none", "weight_decay"):  # nothing is added to the loss
+        assert log["loss"] == pytest.approx(task, rel=1e-5)
+        assert not [key for key in log if key in REGS[2:] or key == "task_loss"]
+    else:
+        assert log["loss"] == pytest.approx(task + STRENGTH[reg] * penalty, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, reg", _cases(REGS[1:], {("bert", "dreg"): DREG_LOGGED_PER_MICRO_BATCH, ("vit", "igpen"): IGPEN_UNDER_ACCUMULATION})
+)
+def test_logged_value_is_the_penalty_of_the_step(family, reg, two_by_four):
+    """What is logged under the regularizer's name is the step's penalty (weight_decay: ||w||^2 of the decayed weights)."""
+    trainer, _ = two_by_four(family, reg)
+    _, penalty, _, _ = _reference(family, reg)
+    expected = 2 * penalty if reg == "weight_decay" else penalty
+    (log,) = logs_with(trainer, "loss")
+    assert log[reg] == pytest.approx(expected, rel=LOGGED)
+
+
+@pytest.mark.parametrize("family, reg", _cases(REGS[2:], {}))
+def test_logged_task_loss_is_the_task_loss_of_the_step(family, reg, two_by_four):
+    """ViT honours num_items_in_batch (each micro-batch's loss is its part of the step's); BERT does not."""
+    trainer, _ = two_by_four(family, reg)
+    task, _, _, _ = _reference(family, reg)
+    (log,) = logs_with(trainer, "loss")
+    assert log["task_loss"] == pytest.approx(task, rel=LOGGED)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_gradient_accumulation_matches_full_batch(reg, tmp_path, two_by_four):
+    """2 x 4 and 1 x 8 of the same texts, each micro-batch padded to its own longest (114 and 27 valid positions)."""
+    split, init = two_by_four("bert", reg)
+    full, init_full = _train("bert", reg, tmp_path / "full", batch=8, accumulation=1)
+    assert all(torch.equal(init[n], init_full[n]) for n in init)
+    assert_weights_close(parameters(split.model), parameters(full.model), init, rtol=1e-5, what="2 x 4 against 1 x 8:")
 
 
 def test_weight_decay_is_the_optimizers_decoupled_decay(tmp_path):
@@ -204,18 +345,25 @@ def test_dreg_lambda_and_reg_lambda_are_one_strength(tmp_path):
 def test_hard_spectral_normalization_is_refused_on_a_pretrained_checkpoint(tmp_path):
     model = tiny_model("bert")
     model.config._name_or_path = "some/pretrained-model"
-    args = DREGTrainingArguments(output_dir=str(tmp_path), regularizer="spectral_norm", spectral_mode="normalize", use_cpu=True, report_to=[])
+    args = make_args(tmp_path, regularizer="spectral_norm", spectral_mode="normalize")
     with pytest.raises(ValueError, match="from scratch"):
         DREGTrainer(model=model, args=args)
     scratch = tiny_model("bert")
-    trainer = DREGTrainer(model=scratch, args=args)
+    DREGTrainer(model=scratch, args=args)  # normalizes the from-scratch weights
     w = scratch.bert.encoder.layer[0].intermediate.dense.weight
     assert torch.linalg.matrix_norm(w.detach(), ord=2) < 1.01
 
 
-def test_double_backward_regularizers_switch_attention_to_eager(tmp_path, caplog):
+@pytest.mark.parametrize("reg", ["igpen", "jacobian"])
+def test_double_backward_regularizers_switch_attention_to_eager(tmp_path, caplog, reg):
     model = tiny_model("bert")
     model.set_attn_implementation("sdpa")
-    args = DREGTrainingArguments(output_dir=str(tmp_path), regularizer="igpen", use_cpu=True, report_to=[])
-    DREGTrainer(model=model, args=args)
+    with caplog.at_level(logging.WARNING):
+        DREGTrainer(model=model, args=make_args(tmp_path, regularizer=reg))
     assert model.config._attn_implementation == "eager"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("hf_dreg")]
+    assert warnings == [f"{reg}: switched attention from 'sdpa' to 'eager', which supports double backward."]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # already eager: nothing to switch, nothing said
+        DREGTrainer(model=model, args=make_args(tmp_path, regularizer=reg))
+    assert not [r for r in caplog.records if "switched attention" in r.getMessage()]

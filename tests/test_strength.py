@@ -1,48 +1,77 @@
-"""The strength of the penalty: the gradient-ratio diagnostic and --dreg_lambda auto."""
+"""The strength of the penalty: the gradient-ratio diagnostic and --dreg_lambda auto.
+
+Every ratio the trainer reports or calibrates to is compared with one measured here: the gradients
+of the task loss and of DREG, computed by hand from the model's activations (trainer_helpers,
+nothing of hf_dreg) in float64 on a copy of the weights the trainer had at that step, on the batch
+it saw (sequential sampling, the Trainer's own padding collator, texts of unequal length).
+"""
 
 import logging
 
 import pytest
-import torch
-from datasets import Dataset
 from transformers import HfArgumentParser
 
 from hf_dreg import DREGTrainer, DREGTrainingArguments
-from hf_dreg.diagnostics import gradient_norms
-from tiny_models import tiny_model
+from trainer_helpers import (
+    LOGGED,
+    WORD_COUNTS_8,
+    WeightsAtStepBegin,
+    assert_weights_close,
+    classification_data,
+    clone,
+    gradients,
+    logs_with,
+    make_args,
+    norm_of,
+    padded_batch,
+    parameters,
+    sgd,
+    task_and_dreg_by_hand,
+    tiny_text_model,
+    tokenizer,
+    with_weights,
+)
+
+# twelve texts: three micro-batches of 4 per epoch, each padded to its own longest
+WORD_COUNTS_12 = WORD_COUNTS_8 + [14, 2, 25, 5]
 
 
-def _data(n=16, seq=6):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 99, (n, seq), generator=g)
-    mask = torch.ones(n, seq, dtype=torch.long)
-    mask[::2, -2:] = 0
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": [i % 3 for i in range(n)]})
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
 
 
-def _trainer(tmp_path, steps=2, **extra):
-    flags = dict(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        dreg_fused=False,
-        seed=0,
-    )
-    args = DREGTrainingArguments(**{**flags, **extra})
-    return DREGTrainer(model=_model(), args=args, train_dataset=_data())
+@pytest.fixture(scope="module")
+def data(tok):
+    return classification_data(tok, WORD_COUNTS_12)
 
 
-def _model():
-    model = tiny_model("bert")
-    for module in model.modules():  # no dropout: the test recomputes the ratio exactly
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
+def _trainer(tmp_path, tok, data, batch=4, **overrides):
+    args = make_args(tmp_path, per_device_train_batch_size=batch, **overrides)
+    model = tiny_text_model("bert", tok.vocab_size)
+    trainer = DREGTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    watch = WeightsAtStepBegin()
+    trainer.add_callback(watch)
+    return trainer, watch
+
+
+def _batch_of_step(tok, data, step: int, batch: int):
+    """The micro-batch a step of sequential sampling trains on (one micro-batch per step)."""
+    per_epoch = len(data) // batch
+    first = (step % per_epoch) * batch
+    return padded_batch(tok, data, range(first, first + batch))
+
+
+def _by_hand(model, weights, batch):
+    """(task loss, DREG, their gradients) at ``weights``, float64, by hand."""
+    model = with_weights(model, weights)
+    out, penalty = task_and_dreg_by_hand(model, "bert", batch)
+    return out.loss, penalty, gradients(out.loss, model), gradients(penalty, model)
+
+
+def _ratio_by_hand(model, weights, batch, strength: float) -> float:
+    _, _, task_grad, dreg_grad = _by_hand(model, weights, batch)
+    return strength * norm_of(dreg_grad) / norm_of(task_grad)
 
 
 def test_dreg_lambda_flag_accepts_auto_and_numbers():
@@ -57,57 +86,96 @@ def test_dreg_lambda_flag_accepts_auto_and_numbers():
         DREGTrainingArguments(output_dir="o", dreg_lambda="auto", dreg_target_ratio=0, use_cpu=True)
 
 
-def test_auto_lambda_reaches_the_target_ratio_on_the_first_batch(tmp_path):
-    trainer = _trainer(tmp_path, steps=1, dreg_lambda="auto", dreg_target_ratio=0.25)
-    batch = next(iter(trainer.get_train_dataloader()))
+def test_auto_lambda_reaches_the_target_ratio_on_the_first_batch(tmp_path, tok):
+    """The calibrated lambda, measured here on the first batch, gives the target ratio; and the step trains with it."""
+    data = classification_data(tok)  # one batch of 8 texts of valid lengths 3..40
+    trainer, _ = _trainer(tmp_path, tok, data, batch=8, dreg_lambda="auto", dreg_target_ratio=0.25, **sgd())
+    init = clone(trainer.model)
     trainer.train()
     strength = trainer.args.reg_lambda
     assert isinstance(strength, float) and strength > 0
-    assert trainer.state.log_history[0]["reg_lambda"] == pytest.approx(strength, rel=1e-6)
-    # recompute the ratio at the initial weights, independently
-    model = _model().train()
-    from hf_dreg import attach
+    assert trainer.dreg_config.reg_lambda == strength
 
-    handle = attach(model)
-    task = model(**batch).loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    task_norm, term_norm = gradient_norms(task, handle.penalty(), params)
-    ratio = strength * term_norm / task_norm
-    assert ratio == pytest.approx(0.25, rel=1e-4)
+    batch = padded_batch(tok, data, range(8))
+    task, penalty, task_grad, dreg_grad = _by_hand(init, parameters(init), batch)
+    assert strength * norm_of(dreg_grad) / norm_of(task_grad) == pytest.approx(0.25, rel=1e-5)
+
+    # the step trained with that lambda: its SGD update is -lr * (grad task + lambda * grad DREG) ...
+    lr = trainer.args.learning_rate
+    before = parameters(init)
+    expected = {n: before[n].double() - lr * (task_grad[n] + strength * dreg_grad[n]) for n in before}
+    assert_weights_close(parameters(trainer.model), expected, before)
+    # ... and its logged loss is task + lambda * DREG
+    (log,) = logs_with(trainer, "task_loss")
+    assert log["reg_lambda"] == pytest.approx(strength, rel=LOGGED)
+    assert log["task_loss"] == pytest.approx(float(task.detach()), rel=LOGGED)
+    assert log["loss"] - log["task_loss"] == pytest.approx(strength * float(penalty.detach()), abs=LOGGED * log["task_loss"])
 
 
-def test_auto_lambda_is_deterministic_for_a_seed(tmp_path):
-    first = _trainer(tmp_path / "a", steps=1, dreg_lambda="auto")
+def test_auto_lambda_is_deterministic_for_a_seed(tmp_path, tok, data):
+    first, _ = _trainer(tmp_path / "a", tok, data, dreg_lambda="auto", max_steps=1)
     first.train()
-    second = _trainer(tmp_path / "b", steps=1, dreg_lambda="auto")
+    second, _ = _trainer(tmp_path / "b", tok, data, dreg_lambda="auto", max_steps=1)
     second.train()
+    assert isinstance(first.args.reg_lambda, float)  # calibrated, not the string "auto" twice
     assert first.args.reg_lambda == second.args.reg_lambda
 
 
-def test_ratio_diagnostic_is_logged_at_its_interval_and_warns_when_negligible(tmp_path, caplog):
-    trainer = _trainer(tmp_path, steps=6, dreg_lambda=1e-9, reg_ratio_interval=2)
+def test_ratio_diagnostic_is_the_measured_ratio_at_its_interval(tmp_path, tok, data, caplog):
+    """lambda = 10 (ratio ~0.2): every logged reg_grad_ratio is the ratio of that step's weights and batch."""
+    strength = 10.0
+    trainer, watch = _trainer(tmp_path, tok, data, dreg_lambda=strength, reg_ratio_interval=2, **sgd(max_steps=6))
+    init = clone(trainer.model)
     with caplog.at_level(logging.WARNING):
         trainer.train()
-    ratios = {entry["step"]: entry["reg_grad_ratio"] for entry in trainer.state.log_history if "reg_grad_ratio" in entry}
-    assert sorted(ratios) == [1, 3, 5]  # measured at global steps 0, 2, 4, logged after those steps
-    assert all(0 < r < 1e-2 for r in ratios.values())
-    assert "no measurable effect" in caplog.text
+    logged = {entry["step"]: entry["reg_grad_ratio"] for entry in logs_with(trainer, "reg_grad_ratio")}
+    assert sorted(logged) == [1, 3, 5]  # measured at global steps 0, 2, 4, logged after those steps
+    measured = dict(trainer.reg_grad_ratios)
+    assert sorted(measured) == [0, 2, 4]
+    by_hand = {step: _ratio_by_hand(init, watch.weights[step], _batch_of_step(tok, data, step, 4), strength) for step in measured}
+    for step, ratio in by_hand.items():
+        assert measured[step] == pytest.approx(ratio, rel=1e-5), step
+        assert logged[step + 1] == pytest.approx(ratio, rel=LOGGED), step
+    # the test has power: another step's batch or weights give another ratio
+    assert min(abs(a - b) for a in by_hand.values() for b in by_hand.values() if a != b) > 1e-3 * max(by_hand.values())
+    assert 1e-2 < min(by_hand.values()) and max(by_hand.values()) < 1  # so the diagnostic must not warn
+    assert not [r for r in caplog.records if "measurable effect" in r.getMessage() or "dominates" in r.getMessage()]
 
 
-def test_every_ratio_measurement_is_kept_even_when_no_training_log_follows_it(tmp_path):
+@pytest.mark.parametrize(
+    "strength, warning, other",
+    [(1e-9, "has no measurable effect at reg_lambda=1e-09", "dominates"), (1e4, "dominates training at reg_lambda=1e+04", "measurable")],
+)
+def test_ratio_diagnostic_warns_once_when_negligible_or_dominant(tmp_path, tok, data, caplog, strength, warning, other):
+    trainer, _ = _trainer(tmp_path, tok, data, dreg_lambda=strength, reg_ratio_interval=1, **sgd(max_steps=4, learning_rate=0.0))
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("hf_dreg")]
+    assert len([m for m in messages if warning in m]) == 1, messages  # after three measurements, once
+    assert not [m for m in messages if other in m], messages
+
+
+def test_every_ratio_measurement_is_kept_even_when_no_training_log_follows_it(tmp_path, tok, data):
     """A sweep run with logging_steps > max_steps logs no training step, but must still record its ratios."""
-    trainer = _trainer(tmp_path, steps=5, dreg_lambda="auto", reg_ratio_interval=2, logging_steps=500)
+    trainer, watch = _trainer(tmp_path, tok, data, dreg_lambda="auto", reg_ratio_interval=2, logging_steps=500, **sgd(max_steps=5))
+    init = clone(trainer.model)
     trainer.train()
-    assert not [e for e in trainer.state.log_history if "reg_grad_ratio" in e]
+    assert not logs_with(trainer, "reg_grad_ratio")
     steps = [step for step, _ in trainer.reg_grad_ratios]
     assert steps == [0, 2, 4]  # the calibration at step 0, then measurements at steps 2 and 4
-    assert trainer.reg_grad_ratios[0][1] == pytest.approx(0.1)
-    assert all(ratio > 0 for _, ratio in trainer.reg_grad_ratios)
+    strength = trainer.args.reg_lambda
+    assert isinstance(strength, float)
+    for step, ratio in trainer.reg_grad_ratios:
+        expected = _ratio_by_hand(init, watch.weights[step], _batch_of_step(tok, data, step, 4), strength)
+        assert ratio == pytest.approx(expected, rel=1e-5), step
+    assert trainer.reg_grad_ratios[0][1] == pytest.approx(0.1)  # the default target, reached (checked above by hand)
 
 
-def test_resume_keeps_the_calibrated_lambda(tmp_path):
-    first = _trainer(tmp_path, steps=2, dreg_lambda="auto", save_strategy="steps", save_steps=1)
+def test_resume_keeps_the_calibrated_lambda(tmp_path, tok, data):
+    first, _ = _trainer(tmp_path, tok, data, dreg_lambda="auto", max_steps=2, save_strategy="steps", save_steps=1)
     first.train()
-    resumed = _trainer(tmp_path, steps=2, dreg_lambda="auto", save_strategy="steps", save_steps=1)
-    resumed._check_resumed_settings(str(tmp_path / "checkpoint-1"))
+    assert isinstance(first.args.reg_lambda, float)
+    resumed, _ = _trainer(tmp_path, tok, data, dreg_lambda="auto", max_steps=2, save_strategy="steps", save_steps=1)
+    assert resumed.args.reg_lambda == "auto"
+    resumed._check_resumed_settings(str(tmp_path / "out" / "checkpoint-1"))
     assert resumed.args.reg_lambda == first.args.reg_lambda

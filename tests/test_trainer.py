@@ -19,114 +19,44 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import hf_dreg
 from ddp_worker import padded_dataset, tiny_bert
-from hf_dreg import DREGTrainer, DREGTrainingArguments
+from hf_dreg import DREGTrainer
 from hf_dreg.trainer import DREG_CONFIG_NAME
+from trainer_helpers import (
+    LOGGED,
+    GradCapture,
+    WeightsAtStepBegin,
+    assert_grads_close,
+    assert_weights_close,
+    load_weights,
+    logs_with,
+    make_args,
+    padded_batch,
+    plain_sites,
+    sgd,
+    state,
+    task_and_dreg_by_hand,
+    with_weights,
+)
 
 TESTS = Path(__file__).resolve().parent
 
 # eight examples, the first four long and the last four short: the two micro-batches of a 4 x 2
 # accumulation step have 45 and 14 valid positions, so averaging per micro-batch would be wrong.
 LENGTHS_8 = [12, 11, 10, 12, 3, 2, 4, 5]
-# DREGTrainer logs its own values (dreg, task_loss, eval_dreg, dreg/<site>) to 6 significant digits,
-# so two equal values may differ by one unit in the 6th digit once logged; the Trainer's loss is not rounded.
-LOGGED = 2e-5
-
-
-def make_args(tmp_path, **overrides) -> DREGTrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        dreg_fused=False,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return DREGTrainingArguments(**kwargs)
-
-
-def sgd(**overrides) -> dict:
-    """One plain SGD step, no clipping, no schedule: the update is -lr * gradient."""
-    kwargs = dict(
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        max_steps=1,
-    )
-    kwargs.update(overrides)
-    return kwargs
-
-
-class GradCapture(TrainerCallback):
-    """The gradients the optimizer is about to apply, at every optimizer step."""
-
-    def __init__(self, model):
-        self.model = model
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.grads.append(
-            {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
-        )
-
-
-def assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-5, what: str = "gradient"):
-    """Per tensor: ||a - e|| <= rtol * (||e|| + 1e-3 * ||all of e||).
-
-    The floor (relative to the whole set) absorbs gradients that are zero in exact arithmetic (the
-    key biases of attention) and are only rounding noise in both runs.
-    """
-    assert actual.keys() == expected.keys()
-    total = math.sqrt(sum(float(e.double().norm()) ** 2 for e in expected.values()))
-    assert total > 0
-    for name, e in expected.items():
-        a = actual[name]
-        err = float((a.double() - e.double()).norm())
-        bound = rtol * (float(e.double().norm()) + 1e-3 * total)
-        assert err <= bound, f"{what} of {name}: |diff| {err:.3g} > {bound:.3g} (|expected| {float(e.norm()):.3g})"
-
-
-def assert_weights_close(actual: dict, expected: dict, init: dict, rtol: float = 1e-5, what: str = "weight"):
-    """Per tensor: ||a - e|| <= rtol * (||e - init|| + 1e-3 * ||all of e - init||) + 2 eps ||e||.
-
-    Relative to the update (e - init), plus the float32 rounding of the weights themselves.
-    """
-    eps = torch.finfo(torch.float32).eps
-    updates = {n: (e.double() - init[n].double()).detach() for n, e in expected.items()}
-    total = math.sqrt(sum(float(u.detach().norm()) ** 2 for u in updates.values()))
-    assert total > 0
-    for name, e in expected.items():
-        err = float((actual[name].double() - e.double()).norm())
-        bound = rtol * (float(updates[name].norm()) + 1e-3 * total) + 2 * eps * float(e.double().norm())
-        assert err <= bound, f"{what} {name}: |diff| {err:.3g} > {bound:.3g} (|update| {float(updates[name].norm()):.3g})"
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def logs_with(trainer, key: str) -> list[dict]:
-    return [entry for entry in trainer.state.log_history if key in entry]
 
 
 def reference_grads(model, dataset: Dataset, dreg_lambda: float) -> dict[str, torch.Tensor]:
-    """The gradient of mean CE + lambda * DREG (mean over every valid position) on the whole batch."""
-    model = copy.deepcopy(model)
-    handle = hf_dreg.attach(model)
+    """The gradient of mean CE + lambda * DREG (mean over every valid position) on the whole batch, by hand, float64."""
+    model = copy.deepcopy(model).double()
     batch = {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask", "labels")}
-    out = model(**batch)
-    (out.loss + dreg_lambda * handle.penalty()).backward()
-    handle.detach()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    out, penalty = task_and_dreg_by_hand(model, "bert", batch)
+    named = list(model.named_parameters())
+    grads = torch.autograd.grad(out.loss + dreg_lambda * penalty, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads) if g is not None}
 
 
 # ---- 1. gradient accumulation -------------------------------------------------------------------
@@ -510,26 +440,36 @@ def test_minilm_fine_tunes_on_sst2(tmp_path, minilm_path, sst2_train):
         return Dataset.from_dict({**data, "labels": [r["label"] for r in rows]})
 
     train, evaluation = encode(lines[:32]), encode(lines[32:48])
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    # dropout off, so that the logged values can be recomputed
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    init = copy.deepcopy(model)
     args = make_args(
         tmp_path, per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=3, learning_rate=5e-5, logging_steps=1
     )
     trainer = DREGTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
     assert len(trainer.dreg_sites) == 6
+    watch = WeightsAtStepBegin()
+    trainer.add_callback(watch)
     trainer.train()
     train_logs = logs_with(trainer, "loss")
     assert [e["step"] for e in train_logs] == [1, 2, 3]
     for entry in train_logs:
         assert 0.1 < entry["dreg"] < 0.4, entry  # the pretrained MiniLM starts near 0.21 per site
         assert 0.3 < entry["task_loss"] < 1.2, entry
-        assert entry["loss"] == pytest.approx(entry["task_loss"] + args.dreg_lambda * entry["dreg"], rel=LOGGED)
+        # each value recomputed by hand at the step's weights, on its batch padded by the Trainer's collator
+        step = entry["step"] - 1
+        batch = padded_batch(tokenizer, train, range(8 * step, 8 * step + 8))
+        with torch.no_grad():
+            reference = load_weights(init, watch.weights[step])  # float32 (the 6-significant-digit logs allow it)
+            out, penalty = task_and_dreg_by_hand(reference, "bert", batch, sites=plain_sites("bert", layers=6))
+        assert entry["task_loss"] == pytest.approx(float(out.loss), rel=LOGGED)
+        assert entry["dreg"] == pytest.approx(float(penalty), rel=LOGGED)
+        assert entry["loss"] == pytest.approx(float(out.loss) + args.dreg_lambda * float(penalty), rel=1e-5)
 
     metrics = trainer.evaluate()
     assert 0.1 < metrics["eval_dreg"] < 0.4
     assert not [m for m in trainer.model.modules() if m._forward_hooks or m._forward_pre_hooks]  # detached after evaluate
-    plain_args = TrainingArguments(
-        output_dir=str(tmp_path / "plain"), report_to=[], use_cpu=True, disable_tqdm=True, per_device_eval_batch_size=8
-    )
+    plain_args = make_args(tmp_path / "plain", cls=TrainingArguments, per_device_eval_batch_size=8)
     plain = Trainer(model=trainer.model, args=plain_args, eval_dataset=evaluation, processing_class=tokenizer).evaluate()
     assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
     assert "eval_dreg" not in plain
@@ -538,25 +478,53 @@ def test_minilm_fine_tunes_on_sst2(tmp_path, minilm_path, sst2_train):
 # ---- 9. logging ------------------------------------------------------------------------------------
 
 
-def test_logging_steps_and_loss_decomposition(tmp_path):
-    args = make_args(
-        tmp_path, per_device_train_batch_size=4, max_steps=5, logging_steps=2, dreg_lambda=1.0, learning_rate=1e-2,
-        dreg_log_per_site=True,
-    )  # fmt: skip
-    trainer = DREGTrainer(model=tiny_bert(), args=args, train_dataset=padded_dataset())
+def test_logging_steps_average_the_values_of_their_steps(tmp_path):
+    """logging_steps=2: each log holds the mean over its two steps of the task loss, DREG and every site's DREG,
+    each computed here by hand at the weights and on the batch of its step (valid lengths 2..12)."""
+    dataset = padded_dataset()  # 16 examples, 4 per step
+    args = make_args(tmp_path, per_device_train_batch_size=4, logging_steps=2, dreg_lambda=1.0, dreg_log_per_site=True, **sgd(max_steps=5))
+    model = tiny_bert()
+    init = copy.deepcopy(model)
+    trainer = DREGTrainer(model=model, args=args, train_dataset=dataset)
+    watch = WeightsAtStepBegin()
+    trainer.add_callback(watch)
     trainer.train()
     with_dreg = logs_with(trainer, "dreg")
     assert [e["step"] for e in with_dreg] == [2, 4]
     assert [e["step"] for e in logs_with(trainer, "loss")] == [2, 4]
     assert [e["step"] for e in logs_with(trainer, "task_loss")] == [2, 4]
-    sites = [f"dreg/{site.name}" for site in trainer.dreg_sites]
+    sites = [act for _, act in plain_sites("bert")]
+    assert sorted(k for k in with_dreg[0] if k.startswith("dreg/")) == sorted(f"dreg/{site}" for site in sites)
+
+    by_step = {}  # step -> (task loss, {site: DREG})
+    for step in range(4):
+        batch = {k: torch.tensor(v) for k, v in dataset[4 * step : 4 * step + 4].items()}
+        with torch.no_grad():
+            out, per_site = task_and_dreg_by_hand(with_weights(init, watch.weights[step]), "bert", batch, per_site=True)
+        by_step[step] = (float(out.loss), {site: float(v) for site, v in per_site.items()})
     for entry in with_dreg:
-        # one micro-batch per step: each step's loss is exactly task + lambda * DREG, so are the averages
-        assert entry["loss"] == pytest.approx(entry["task_loss"] + args.dreg_lambda * entry["dreg"], rel=LOGGED)
+        window = [entry["step"] - 2, entry["step"] - 1]
+        task = sum(by_step[s][0] for s in window) / 2
+        per_site = {site: sum(by_step[s][1][site] for s in window) / 2 for site in sites}
+        dreg = sum(per_site.values()) / len(sites)
+        assert entry["task_loss"] == pytest.approx(task, rel=LOGGED)
+        assert entry["dreg"] == pytest.approx(dreg, rel=LOGGED)
+        for site, value in per_site.items():
+            assert entry[f"dreg/{site}"] == pytest.approx(value, rel=LOGGED), site
+        assert entry["loss"] == pytest.approx(task + args.dreg_lambda * dreg, rel=1e-5)
         assert entry["loss"] - entry["task_loss"] > 1e-4
-        assert entry["dreg"] == pytest.approx(sum(entry[s] for s in sites) / len(sites), rel=LOGGED)
+    # the weights moved between the steps, so a value of another step would be caught
+    assert abs(by_step[0][1][sites[0]] - by_step[2][1][sites[0]]) > 1e-3 * by_step[0][1][sites[0]]
     summary = trainer.state.log_history[-1]
     assert "train_loss" in summary and not any(k.endswith("dreg") for k in summary)
+
+
+def _dreg_by_hand(model, dataset) -> float:
+    """DREG of a whole (pre-padded) data set: mean over sites of the mean over all its valid positions."""
+    model = copy.deepcopy(model).double().eval()
+    batch = {k: torch.tensor(dataset[k]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        return float(task_and_dreg_by_hand(model, "bert", batch)[1])
 
 
 def test_eval_dreg_counts_only_the_evaluated_data(tmp_path):
@@ -565,12 +533,29 @@ def test_eval_dreg_counts_only_the_evaluated_data(tmp_path):
     args = make_args(tmp_path, per_device_eval_batch_size=4, dreg_lambda=1.0)
     trainer = DREGTrainer(model=tiny_bert(), args=args, eval_dataset=long)
     first = trainer.evaluate()
+    assert first["eval_dreg"] == pytest.approx(_dreg_by_hand(trainer.model, long), rel=LOGGED)
     other = trainer.evaluate(eval_dataset=short)
+    assert other["eval_dreg"] == pytest.approx(_dreg_by_hand(trainer.model, short), rel=LOGGED)
     assert other["eval_dreg"] != pytest.approx(first["eval_dreg"], rel=1e-3)  # the two data sets differ
     trainer.predict(short)
     again = trainer.evaluate()
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
     assert again["eval_dreg"] == pytest.approx(first["eval_dreg"], rel=LOGGED)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "eval_dreg is the unweighted mean of the evaluation batches' own DREG means (regularizers/dreg.py "
+        "DREG.compute: value=local.mean(); trainer.py DREGTrainerMixin.log), not the DREG of the evaluated data, so it "
+        "depends on per_device_eval_batch_size: 8 texts of valid lengths 12,11,10,12 | 3,2,4,5, batches of 4: "
+        "0.00150809, one batch of 8: 0.00150459 (= the DREG of the data by hand)"
+    ),
+)
+def test_eval_dreg_is_the_penalty_of_the_evaluated_data_whatever_the_batch_size(tmp_path):
+    dataset = padded_dataset(LENGTHS_8)  # eval batches of 4 with 45 and 14 valid positions
+    trainer = DREGTrainer(model=tiny_bert(), args=make_args(tmp_path, per_device_eval_batch_size=4), eval_dataset=dataset)
+    assert trainer.evaluate()["eval_dreg"] == pytest.approx(_dreg_by_hand(trainer.model, dataset), rel=LOGGED)
 
 
 # ---- 10. settings ----------------------------------------------------------------------------------

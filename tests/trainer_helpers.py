@@ -67,6 +67,29 @@ class GradCapture(TrainerCallback):
         self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
 
 
+class WeightsAtStepBegin(TrainerCallback):
+    """The parameters at the start of every optimizer step, keyed by the step (state.global_step)."""
+
+    def __init__(self):
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = parameters(model)
+
+
+def load_weights(model: nn.Module, weights: dict) -> nn.Module:
+    """Copy ``weights`` (as parameters() gives them) into ``model``'s parameters, in place; returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    return model
+
+
+def with_weights(model: nn.Module, weights: dict, dtype=torch.float64) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` holding ``weights``, in train mode."""
+    return load_weights(copy.deepcopy(model).to(dtype).train(), weights)
+
+
 def no_dropout(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -219,3 +242,99 @@ def tiny_text_model(kind: str, vocab_size: int, seed: int = 0):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+# ---- DREG by hand: from the model's own activations, nothing of hf_dreg -----------------------------
+
+
+def plain_sites(family: str, layers: int | None = None) -> list[tuple[str, str]]:
+    """(feeding Linear, activation) of every plain MLP site, from the hand-written table of site_expectations.
+
+    ``layers``: a BERT of that many layers (the pretrained MiniLM has 6) instead of the tiny models' 2.
+    """
+    if layers is not None:
+        assert family == "bert"
+        prefix = "bert.encoder.layer"
+        return [(f"{prefix}.{i}.intermediate.dense", f"{prefix}.{i}.intermediate.intermediate_act_fn") for i in range(layers)]
+    from site_expectations import expected_sites
+
+    sites = expected_sites(family)
+    assert all(site.kind == "plain" for site in sites), family
+    return [(site.inputs[0], site.name) for site in sites]
+
+
+class PreActivations:
+    """Forward hooks on each site's feeding Linear that keep its output z = W x + b (in the graph)."""
+
+    def __init__(self, model: nn.Module, sites: list[tuple[str, str]]):
+        modules = dict(model.named_modules())
+        self.z: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        for linear, _ in sites:
+            self._hooks.append(modules[linear].register_forward_hook(lambda m, a, out, name=linear: self.z.__setitem__(name, out)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+
+def derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """act'(z), elementwise, by autograd (differentiable in z when z is part of a graph)."""
+    if z.requires_grad:
+        (slope,) = torch.autograd.grad(act.forward(z).sum(), z, create_graph=True)  # forward: no hooks
+        return slope
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        (slope,) = torch.autograd.grad(act.forward(leaf).sum(), leaf)
+    return slope
+
+
+def dreg_per_site_by_hand(model: nn.Module, sites, z: dict, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Site -> masked mean over positions of (1/m) sum_i act'(z_i)^2 ||W_i||^2 (DREG.md, plain site).
+
+    ``mask`` (batch, positions) marks the valid positions; None counts every position.
+    """
+    modules = dict(model.named_modules())
+    values = {}
+    for linear, act in sites:
+        pre = z[linear]
+        rows = modules[linear].weight.pow(2).sum(-1)  # ||W_i||^2, W: (m, d)
+        per_position = (derivative(modules[act], pre).pow(2) * rows).mean(-1)  # (1/m) sum over the m units
+        if mask is None:
+            values[act] = per_position.mean()
+        else:
+            weights = mask.to(per_position.dtype)
+            assert weights.shape == per_position.shape, (act, weights.shape, per_position.shape)
+            values[act] = (per_position * weights).sum() / weights.sum()
+    return values
+
+
+def task_and_dreg_by_hand(model: nn.Module, family: str, batch: dict, sites=None, per_site: bool = False):
+    """(model outputs, DREG of the batch: mean over sites) for one forward of ``model`` on ``batch``.
+
+    ``sites`` defaults to ``plain_sites(family)``; ``per_site=True`` returns the dict site -> value instead.
+    """
+    sites = plain_sites(family) if sites is None else sites
+    with PreActivations(model, sites) as captured:
+        outputs = model(**batch)
+    values = dreg_per_site_by_hand(model, sites, captured.z, batch.get("attention_mask"))
+    return outputs, values if per_site else torch.stack(list(values.values())).mean()
+
+
+def padded_batch(tok, dataset: Dataset, indices) -> dict[str, torch.Tensor]:
+    """Examples ``indices`` of a tokenized data set padded together, as the Trainer's DataCollatorWithPadding does."""
+    return dict(tok.pad([dataset[i] for i in indices], return_tensors="pt"))
+
+
+def gradients(loss: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
+    """d loss / d parameter for every trainable parameter (zeros where it does not reach)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True, retain_graph=True)
+    return {n: torch.zeros_like(p) if g is None else g.detach() for (n, p), g in zip(named, grads)}
+
+
+def norm_of(grads: dict) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
