@@ -1,0 +1,239 @@
+"""The default search space of the regularizer's strength, for ``Trainer.hyperparameter_search``.
+
+    from hf_dreg.search_space import default_hp_space
+    trainer = DREGTrainer(model_init=..., args=DREGTrainingArguments(...), ...)
+    best = trainer.hyperparameter_search(hp_space=default_hp_space, backend="optuna", n_trials=20,
+                                         direction="maximize", compute_objective=lambda m: m["eval_accuracy"])
+
+``default_hp_space(trial)`` is the Optuna space when given an Optuna trial and the Ray Tune space
+when given ``None`` (what transformers passes for ``backend="ray"``), so one function serves both
+backends; ``default_hp_space_optuna`` and ``default_hp_space_ray`` are the two halves.
+
+The range. ``dreg_lambda`` is drawn log-uniformly from 1e-3 to 1e3. On the models the README measured
+(results/lambda), the gradient ratio ||grad lambda*R|| / ||grad task loss|| grows in proportion to
+lambda: about 0.5-0.85 per unit of lambda for the pretrained MiniLM-L6 and about 0.002 for a small ViT
+trained from scratch. So 1e-3 is "no effect" on both (ratio ~5e-4 and ~2e-6), and 1e3 "dominates"
+both (ratio in the hundreds for MiniLM, about 2 for the ViT; MiniLM already loses 16 points on trec6
+at lambda = 1). A pretrained model of MiniLM's kind needs only [1e-3, 10]:
+``DREGSearchSpace(lambda_max=10)`` (or ``--search_lambda_max 10`` in scripts/tune.py) spends the
+trials there.
+
+Other regularizers (optional): ``DREGSearchSpace(regularizers=["dreg", "weight_decay", "spectral_norm"])``
+also searches which regularizer, each with its own log-uniform ``reg_lambda`` range
+(:data:`REG_LAMBDA_RANGES`). Searching the regularizer needs a trainer that rebuilds the regularizer for
+each trial: :func:`searchable` (see its docstring; ``hf_dreg.trainer`` does not yet, 2026-11).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .config import REGULARIZERS
+
+LAMBDA_RANGE = (1e-3, 1e3)
+# log-uniform ranges of reg_lambda for the other regularizers (their defaults, 0.01, in the middle)
+REG_LAMBDA_RANGES = {
+    "weight_decay": (1e-4, 0.3),
+    "spectral_norm": (1e-4, 1.0),
+    "igpen": (1e-4, 1.0),
+    "jacobian": (1e-4, 1.0),
+}
+
+
+def _check_range(name: str, low: float, high: float) -> None:
+    if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name}: the range must be finite numbers, got ({low!r}, {high!r}).")
+    if not 0 < low <= high:
+        raise ValueError(f"{name}: a log-uniform range needs 0 < min <= max, got ({low}, {high}).")
+
+
+@dataclass
+class DREGSearchSpace:
+    """A search space over the regularizer's strength (and optionally which regularizer).
+
+    Call it with an Optuna trial (Optuna space) or with ``None`` (Ray Tune space): pass the object itself
+    as ``hp_space=`` for either backend. :meth:`settings` turns a best run's hyperparameters back into
+    ``DREGConfig`` fields.
+    """
+
+    lambda_min: float = LAMBDA_RANGE[0]
+    lambda_max: float = LAMBDA_RANGE[1]
+    regularizers: Sequence[str] = ("dreg",)
+    reg_lambda_ranges: dict = field(default_factory=lambda: dict(REG_LAMBDA_RANGES))
+
+    def __post_init__(self):
+        self.regularizers = tuple(self.regularizers)
+        if not self.regularizers:
+            raise ValueError("DREGSearchSpace: regularizers is empty; give at least one (e.g. ['dreg']).")
+        unknown = [r for r in self.regularizers if r not in REGULARIZERS]
+        if unknown:
+            raise ValueError(f"DREGSearchSpace: unknown regularizer(s) {unknown}; choose from {', '.join(REGULARIZERS)}.")
+        if "dreg" in self.regularizers:
+            _check_range("dreg_lambda", self.lambda_min, self.lambda_max)
+        for name in self.regularizers:
+            if name not in ("dreg", "none"):
+                if name not in self.reg_lambda_ranges:
+                    raise ValueError(f"DREGSearchSpace: no reg_lambda range for {name!r} in reg_lambda_ranges.")
+                _check_range(f"{name} reg_lambda", *self.reg_lambda_ranges[name])
+
+    @property
+    def searches_regularizer(self) -> bool:
+        return len(self.regularizers) > 1
+
+    def __call__(self, trial):
+        return self.ray() if trial is None else self.optuna(trial)
+
+    # ---- Optuna -------------------------------------------------------------------------------------
+
+    def optuna(self, trial) -> dict:
+        """The trial's DREGConfig fields; Optuna parameter names: ``regularizer``, ``dreg_lambda``, ``<name>_lambda``."""
+        name = trial.suggest_categorical("regularizer", list(self.regularizers)) if self.searches_regularizer else self.regularizers[0]
+        params = {"regularizer": name}
+        if name == "dreg":
+            params["dreg_lambda"] = trial.suggest_float("dreg_lambda", self.lambda_min, self.lambda_max, log=True)
+        elif name != "none":
+            low, high = self.reg_lambda_ranges[name]
+            params["reg_lambda"] = trial.suggest_float(f"{name}_lambda", low, high, log=True)
+        return params
+
+    # ---- Ray Tune -----------------------------------------------------------------------------------
+
+    def ray(self) -> dict:
+        """The Ray Tune ``config``: ``dreg_lambda`` log-uniform; with several regularizers, ``regularizer`` a
+        choice and ``reg_lambda`` drawn from that regularizer's range (``dreg_lambda`` itself for dreg)."""
+        from ray import tune
+
+        if not self.searches_regularizer:
+            name = self.regularizers[0]
+            if name == "dreg":
+                return {"regularizer": "dreg", "dreg_lambda": tune.loguniform(self.lambda_min, self.lambda_max)}
+            if name == "none":
+                return {"regularizer": "none"}
+            return {"regularizer": name, "reg_lambda": tune.loguniform(*self.reg_lambda_ranges[name])}
+        ranges = dict(self.reg_lambda_ranges)
+        low, high = (self.lambda_min, self.lambda_max) if "dreg" in self.regularizers else (1e-3, 1.0)
+
+        def reg_lambda(spec):
+            import numpy as np
+
+            name = spec.config.regularizer
+            if name == "dreg":
+                return spec.config.dreg_lambda
+            if name == "none":
+                return 0.0
+            lo, hi = ranges[name]
+            return float(math.exp(np.random.uniform(math.log(lo), math.log(hi))))
+
+        return {
+            "regularizer": tune.choice(list(self.regularizers)),
+            "dreg_lambda": tune.loguniform(low, high),
+            "reg_lambda": tune.sample_from(reg_lambda),
+        }
+
+    # ---- back to settings ---------------------------------------------------------------------------
+
+    def settings(self, hyperparameters: dict) -> dict:
+        """DREGConfig fields of a run's hyperparameters (Optuna's ``best_trial.params`` or Ray's ``config``)."""
+        name = hyperparameters.get("regularizer", self.regularizers[0])
+        if name == "dreg":
+            return {"regularizer": "dreg", "dreg_lambda": float(hyperparameters["dreg_lambda"])}
+        if name == "none":
+            return {"regularizer": "none"}
+        value = hyperparameters.get(f"{name}_lambda", hyperparameters.get("reg_lambda"))
+        return {"regularizer": name, "reg_lambda": float(value)}
+
+
+def default_hp_space_optuna(trial) -> dict:
+    """``dreg_lambda`` log-uniform in [1e-3, 1e3] (Optuna)."""
+    return DREGSearchSpace().optuna(trial)
+
+
+def default_hp_space_ray(trial=None) -> dict:
+    """``dreg_lambda`` log-uniform in [1e-3, 1e3] (Ray Tune)."""
+    return DREGSearchSpace().ray()
+
+
+def default_hp_space(trial) -> dict:
+    """``dreg_lambda`` log-uniform in [1e-3, 1e3]: the Optuna space for an Optuna trial, Ray Tune's for ``None``."""
+    return DREGSearchSpace()(trial)
+
+
+# ---- a trainer that rebuilds the regularizer of each trial ------------------------------------------
+
+
+class RebuildPerTrialMixin:
+    """Rebuild the regularizer after each trial's settings are applied (and restore the base weight decay).
+
+    transformers' ``train(trial=...)`` calls ``model_init`` (where a DREG trainer builds the regularizer
+    from the settings it has) *before* ``_hp_search_setup`` applies the trial's settings. A DREG trainer
+    applies the new strength (read at every step), but keeps the regularizer *object* of the previous
+    trial: a trial with another ``regularizer`` trains with the previous one, and a DREG trial whose base
+    arguments had ``dreg_lambda=0`` trains with no penalty at all. A ``weight_decay`` trial also leaves
+    its decay in ``args.weight_decay`` for the trials after it. This mixin fixes both; it is harmless once
+    the DREG trainer does it itself.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.dreg_config
+        self._base_weight_decay = 0.0 if config.regularizer == "weight_decay" else self.args.weight_decay
+
+    def _hp_search_setup(self, trial):
+        searching = trial is not None and self.hp_search_backend is not None
+        if searching:
+            self.args.weight_decay = self._base_weight_decay
+        super()._hp_search_setup(trial)
+        if searching and self.model is not None:
+            attached = self._dreg_depth > 0
+            self._build_regularizer(self.model)
+            if attached:
+                self.regularizer.activate(self.model)
+
+
+_SEARCHABLE: dict[type, type] = {}
+
+
+def searchable(trainer_cls: type) -> type:
+    """A subclass of a DREG trainer class (``DREGTrainer``, ``with_dreg(X)``) that rebuilds the regularizer
+    for every trial of ``hyperparameter_search`` (see :class:`RebuildPerTrialMixin`)."""
+    from .trainer import DREGTrainerMixin
+
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, DREGTrainerMixin)):
+        raise TypeError(f"searchable expects a DREG trainer class (DREGTrainer or with_dreg(...)), got {trainer_cls!r}.")
+    if issubclass(trainer_cls, RebuildPerTrialMixin):
+        return trainer_cls
+    if trainer_cls not in _SEARCHABLE:
+        # made here, so pickled by value by cloudpickle (Ray); SearchableDREGTrainer below is importable
+        name = f"Searchable{trainer_cls.__name__}"
+        _SEARCHABLE[trainer_cls] = type(name, (RebuildPerTrialMixin, trainer_cls), {"__module__": __name__, "__qualname__": f"searchable.{name}"})
+    return _SEARCHABLE[trainer_cls]
+
+
+def _searchable_dreg_trainer():
+    from .trainer import DREGTrainer
+
+    class SearchableDREGTrainer(RebuildPerTrialMixin, DREGTrainer):
+        """``DREGTrainer`` that rebuilds the regularizer for every trial of ``hyperparameter_search``."""
+
+    SearchableDREGTrainer.__module__ = __name__
+    SearchableDREGTrainer.__qualname__ = "SearchableDREGTrainer"
+    _SEARCHABLE[DREGTrainer] = SearchableDREGTrainer
+    return SearchableDREGTrainer
+
+
+SearchableDREGTrainer = _searchable_dreg_trainer()
+
+
+__all__ = [
+    "LAMBDA_RANGE",
+    "REG_LAMBDA_RANGES",
+    "DREGSearchSpace",
+    "default_hp_space",
+    "default_hp_space_optuna",
+    "default_hp_space_ray",
+    "RebuildPerTrialMixin",
+    "SearchableDREGTrainer",
+    "searchable",
+]

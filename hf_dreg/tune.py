@@ -1,0 +1,648 @@
+"""Does DREG help on my data, at its best strength, against plain fine-tuning?
+
+``run_tune(model_args, data_args, training_args, tune_args)`` (behind ``scripts/tune.py``):
+
+1. loads the data as :mod:`hf_dreg.finetune` does (the low-data options apply to the training split);
+   the user's evaluation split is the **test set**, and it is not looked at until step 3;
+2. carves a stratified validation split from the *training* data and runs
+   ``Trainer.hyperparameter_search`` over :class:`~hf_dreg.search_space.DREGSearchSpace` on it: Optuna
+   (default) with a persistent storage (``sqlite:///<output_dir>/study.db``), so that a killed search
+   resumes where it stopped (``n_trials`` is the total: a rerun runs only the trials still missing), or
+   Ray Tune (``backend="ray"``, on a cluster with ``address``);
+3. retrains the best setting and plain fine-tuning (``dreg_lambda=0``) on the full training data for
+   every seed of ``seeds``, evaluates both on the test set, and compares them paired by seed: a
+   Wilcoxon signed-rank test (scipy), a Markdown table (``TUNE_REPORT.md``), a plot of the metric per
+   seed with paired lines (``paired_<metric>.png``) and a JSON of every run (``tune_results.json``;
+   ``runs.jsonl`` holds each finished retraining run, so a rerun skips them).
+
+The training data is fixed by ``data_seed`` (or ``seed``) for the whole run; the seeds of step 3 change
+the initialisation and the order of the batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import transformers as tf
+from datasets import Dataset, DatasetDict
+from tqdm.auto import tqdm
+
+from .args import DREGTrainingArguments
+from .config import REGULARIZERS
+from .finetune import (
+    DataArguments,
+    _image_features,
+    _image_shape,
+    _is_image_data,
+    _label_names,
+    _noisy_text,
+    _text_features,
+    prepare_splits,
+)
+from .metrics import classification_metrics
+from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
+from .results_store import append_result, read_results
+from .search_space import LAMBDA_RANGE, DREGSearchSpace, searchable
+from .trainer import DREGTrainer
+
+logger = tf.utils.logging.get_logger(__name__)
+
+BACKENDS = ("optuna", "ray")
+PLAIN = {"regularizer": "dreg", "dreg_lambda": 0.0}
+RESULTS_FILE = "tune_results.json"
+RUNS_FILE = "runs.jsonl"
+REPORT_FILE = "TUNE_REPORT.md"
+
+
+@dataclass
+class TuneArguments:
+    """The search (on a validation split carved from the training data) and the paired retraining."""
+
+    n_trials: int = field(
+        default=20,
+        metadata={"help": "Trials of the search in total: a rerun with the same storage runs only the ones still missing."},
+    )
+    backend: str = field(default="optuna", metadata={"help": "optuna (default) or ray (Ray Tune).", "choices": list(BACKENDS)})
+    storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optuna storage URL (default sqlite:///<output_dir>/study.db, so a killed search resumes); "
+            "'memory' for an in-memory study."
+        },
+    )
+    study_name: str = field(default="hf_dreg_tune", metadata={"help": "Name of the Optuna study (Ray: of the experiment)."})
+    sampler_seed: int = field(default=0, metadata={"help": "Seed of Optuna's TPE sampler."})
+    validation_fraction: float = field(
+        default=0.2, metadata={"help": "Share of the training data held out (stratified) to score the trials."}
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3, 4],
+        metadata={"help": "Seeds of the final runs: the best setting and plain fine-tuning are retrained with each."},
+    )
+    search_lambda_min: float = field(default=LAMBDA_RANGE[0], metadata={"help": "Smallest dreg_lambda searched (log-uniform)."})
+    search_lambda_max: float = field(
+        default=LAMBDA_RANGE[1],
+        metadata={"help": "Largest dreg_lambda searched (1e3 spans small models from scratch; 10 is enough for a pretrained MiniLM)."},
+    )
+    search_regularizers: list[str] = field(
+        default_factory=lambda: ["dreg"],
+        metadata={"help": f"Regularizers searched (each with its own strength): any of {', '.join(REGULARIZERS)}."},
+    )
+    search_metric: str = field(
+        default="accuracy",
+        metadata={"help": "Metric chosen on and compared: accuracy, macro_f1 (maximised) or loss (minimised)."},
+    )
+    address: str | None = field(default=None, metadata={"help": "Ray: the cluster address (default: a local Ray instance)."})
+    num_cpus_per_trial: float = field(default=1.0, metadata={"help": "Ray: CPUs per trial."})
+    num_gpus_per_trial: float = field(default=0.0, metadata={"help": "Ray: GPUs per trial."})
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
+        if self.n_trials < 1:
+            raise ValueError(f"--n_trials must be >= 1, got {self.n_trials}.")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds has repeated seeds: {self.seeds}.")
+        if self.search_metric not in ("accuracy", "macro_f1", "loss"):
+            raise ValueError(f"--search_metric must be accuracy, macro_f1 or loss, got {self.search_metric!r}.")
+        self.search_space()  # validates the ranges and regularizers
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.search_metric == "loss" else "maximize"
+
+    def search_space(self) -> DREGSearchSpace:
+        return DREGSearchSpace(self.search_lambda_min, self.search_lambda_max, tuple(self.search_regularizers))
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def stratified_split(ds: Dataset, fraction: float, label_column: str = "label", seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``(rest, held_out)``: ``fraction`` of ``ds`` held out with the class proportions kept (seeded)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(ds[label_column])
+    try:
+        rest, held_out = train_test_split(np.arange(len(ds)), test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as error:
+        raise ValueError(
+            f"Cannot hold out a stratified {fraction:.0%} of the {len(ds)} training examples "
+            f"({len(np.unique(labels))} classes): {error} Raise --validation_fraction or train on more examples per class."
+        ) from None
+    return ds.select(sorted(rest.tolist())), ds.select(sorted(held_out.tolist()))
+
+
+class Featurizer:
+    """Turns raw splits into what the model sees, and builds fresh models (text or images, as finetune.py)."""
+
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, train: Dataset):
+        self.model_args, self.data_args = model_args, data_args
+        self.images = _is_image_data(train, data_args)
+        self.id2label = dict(enumerate(_label_names(train, data_args.label_column)))
+        if self.images:
+            self.shape = _image_shape(train, data_args.image_column)
+            self.processor = build_image_processor(model_args, self.shape)
+            self.collator = tf.DefaultDataCollator()
+        else:
+            self.shape = None
+            self.processor = build_tokenizer(model_args)
+            self.collator = tf.DataCollatorWithPadding(self.processor)
+
+    def features(self, raw: Dataset, noise: float = 0.0, seed: int = 0) -> Dataset:
+        splits = DatasetDict(train=raw)  # the split name finetune.py's helpers read
+        if self.images:
+            return _image_features(splits, self.data_args, self.processor, noise, seed)["train"]
+        features = _text_features(splits, self.data_args, self.model_args, self.processor)["train"]
+        return _noisy_text(features, self.processor, noise, seed) if noise > 0 else features
+
+    def model_init(self):
+        return build_model(self.model_args, len(self.id2label), self.id2label, image_shape=self.shape)
+
+
+# ---- arguments of the runs -----------------------------------------------------------------------
+
+
+def derive_args(args: DREGTrainingArguments, settings: dict | None = None, **changes) -> DREGTrainingArguments:
+    """A copy of ``args`` with ``changes`` and the regularizer ``settings`` (DREGConfig fields).
+
+    The base weight decay is kept for every regularizer but ``weight_decay`` (whose strength is the decay).
+    """
+    base_weight_decay = 0.0 if args.regularizer == "weight_decay" else args.weight_decay
+    values = dict(changes)
+    if settings is not None:
+        values.update(settings)
+        values.setdefault("reg_lambda", None)
+        values["weight_decay"] = 0.0 if settings["regularizer"] == "weight_decay" else base_weight_decay
+    elif args.regularizer == "dreg":
+        values.setdefault("reg_lambda", None)  # re-resolved from dreg_lambda ('auto' stays 'auto')
+    return dataclasses.replace(args, **values)
+
+
+def _objective(metrics: dict, key: str) -> float:
+    if key not in metrics:
+        raise KeyError(f"The evaluation reported no {key!r} (it has {sorted(metrics)}).")
+    return float(metrics[key])
+
+
+class Objective:
+    """``compute_objective`` of the search: one evaluation metric (picklable, for Ray)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, metrics: dict) -> float:
+        return _objective(metrics, self.key)
+
+
+class ClassificationMetrics:
+    """``compute_metrics`` with accuracy and macro-F1, built where it runs (picklable, for Ray)."""
+
+    def __call__(self, eval_pred):
+        if not hasattr(self, "_compute"):
+            self._compute = classification_metrics()
+        return self._compute(eval_pred)
+
+    def __getstate__(self):
+        return {}
+
+
+# ---- the search ----------------------------------------------------------------------------------
+
+
+def _optuna_storage(url: str | None, output_dir: str):
+    import optuna
+
+    if url == "memory":
+        return optuna.storages.InMemoryStorage()
+    if url is None:
+        url = f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'study.db'))}"
+    if url.startswith(("sqlite:", "postgresql", "mysql")):
+        # heartbeats: a trial left RUNNING by a killed search is marked failed when the search resumes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+    return url
+
+
+def _trial_record(trial) -> dict:
+    return {"number": trial.number, "state": trial.state.name, "value": trial.value, "params": trial.params}
+
+
+def search(
+    featurizer: Featurizer,
+    search_train: Dataset,
+    search_validation: Dataset,
+    training_args: DREGTrainingArguments,
+    tune_args: TuneArguments,
+    trainer_class: type = DREGTrainer,
+    config: str | None = None,
+) -> dict:
+    """``hyperparameter_search`` on the carved split; returns the best settings, its score and every trial.
+
+    ``config`` (a :func:`fingerprint`) is kept in the Optuna study: resuming a study made with other data,
+    model or training flags is refused."""
+    space = tune_args.search_space()
+    args = derive_args(
+        training_args, output_dir=os.path.join(training_args.output_dir, "search"), save_strategy="no",
+        load_best_model_at_end=False, push_to_hub=False,
+    )  # fmt: skip
+
+    def make_trainer():
+        return searchable(trainer_class)(
+            model_init=featurizer.model_init,
+            args=args,
+            train_dataset=featurizer.features(search_train),
+            eval_dataset=featurizer.features(search_validation),
+            processing_class=featurizer.processor,
+            data_collator=featurizer.collator,
+            compute_metrics=ClassificationMetrics(),
+        )
+
+    key = f"eval_{tune_args.search_metric}"
+    common = dict(hp_space=space, direction=tune_args.direction, compute_objective=Objective(key))
+    record = {"backend": tune_args.backend, "metric": key, "direction": tune_args.direction, "space": dataclasses.asdict(space)}
+    if tune_args.backend == "optuna":
+        import optuna
+
+        storage = _optuna_storage(tune_args.storage, training_args.output_dir)
+        study = optuna.create_study(storage=storage, study_name=tune_args.study_name, load_if_exists=True, direction=tune_args.direction)
+        if config is not None:
+            made_with = study.user_attrs.get("hf_dreg_config")
+            if made_with is None:
+                study.set_user_attr("hf_dreg_config", config)
+                study.set_user_attr("hf_dreg_metric", key)
+                study.set_user_attr("hf_dreg_space", dataclasses.asdict(space))
+            elif made_with != config:
+                raise ValueError(
+                    f"The Optuna study {tune_args.study_name!r} in {tune_args.storage or 'the output folder'} was made with "
+                    "other data, model or training flags: its trials do not score this setup. Pass another --study_name "
+                    "(or --output_dir / --storage) to start a new study."
+                )
+        if study.user_attrs.get("hf_dreg_metric", key) != key:
+            raise ValueError(
+                f"The Optuna study {tune_args.study_name!r} scored its trials by {study.user_attrs['hf_dreg_metric']}, not "
+                f"{key}: pass --search_metric {study.user_attrs['hf_dreg_metric'][len('eval_'):]} or another --study_name."
+            )
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        before = len([t for t in study.trials if t.state in finished])
+        remaining = max(0, tune_args.n_trials - before)
+        if remaining:
+            logger.warning(f"Optuna study {tune_args.study_name!r}: {before} trials done, running {remaining} more.")
+            # seeded by what is already there, so a resumed search does not redraw the first trials' values
+            sampler = optuna.samplers.TPESampler(seed=tune_args.sampler_seed + len(study.trials))
+            make_trainer().hyperparameter_search(
+                backend="optuna", n_trials=remaining, storage=storage, study_name=tune_args.study_name,
+                load_if_exists=True, sampler=sampler, **common,
+            )  # fmt: skip
+        else:
+            logger.warning(f"Optuna study {tune_args.study_name!r} already has {before} finished trials: no search.")
+        study = optuna.load_study(study_name=tune_args.study_name, storage=storage)
+        best = study.best_trial
+        record.update(
+            storage=tune_args.storage or "sqlite:///" + os.path.join(training_args.output_dir, "study.db"),
+            study_name=tune_args.study_name,
+            trials_before=before,
+            trials_run=remaining,
+            trials=[_trial_record(t) for t in study.trials],
+            best_trial=best.number,
+            best_value=best.value,
+            best_hyperparameters=best.params,
+        )
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=tune_args.address, include_dashboard=False)
+        resources = {"cpu": tune_args.num_cpus_per_trial}
+        if tune_args.num_gpus_per_trial:
+            resources["gpu"] = tune_args.num_gpus_per_trial
+        best_run = make_trainer().hyperparameter_search(
+            backend="ray", n_trials=tune_args.n_trials, resources_per_trial=resources,
+            storage_path=os.path.abspath(os.path.join(training_args.output_dir, "ray")), name=tune_args.study_name,
+            resume="AUTO", **common,
+        )  # fmt: skip
+        analysis = best_run.run_summary
+        trials = [
+            {
+                "number": t.trial_id,
+                "state": t.status,
+                "value": (t.last_result or {}).get("objective"),
+                "params": dict(t.config),
+                "metrics": {k: v for k, v in (t.last_result or {}).items() if k.startswith("eval_")},
+            }
+            for t in analysis.trials
+        ]
+        record.update(
+            address=tune_args.address,
+            study_name=tune_args.study_name,
+            trials=trials,
+            best_trial=best_run.run_id,
+            best_value=best_run.objective,
+            best_hyperparameters={k: v for k, v in best_run.hyperparameters.items() if isinstance(v, (int, float, str))},
+        )
+    record["best_settings"] = space.settings(record["best_hyperparameters"])
+    return record
+
+
+# ---- retraining and the paired comparison --------------------------------------------------------
+
+
+def signed_rank_p(differences) -> float:
+    """Two-sided Wilcoxon signed-rank p (scipy's default: zero differences dropped); nan when every pair ties."""
+    from scipy.stats import wilcoxon
+
+    differences = np.asarray(differences, dtype=float)
+    return float(wilcoxon(differences).pvalue) if (differences != 0).any() else float("nan")
+
+
+def paired_comparison(plain: list[float], best: list[float]) -> dict:
+    """best - plain, paired by seed: mean, wins/ties/losses and the Wilcoxon signed-rank p."""
+    plain, best = np.asarray(plain, dtype=float), np.asarray(best, dtype=float)
+    diff = best - plain
+    return {
+        "pairs": int(len(diff)),
+        "plain_mean": float(plain.mean()),
+        "best_mean": float(best.mean()),
+        "mean_difference": float(diff.mean()),
+        "std_difference": float(diff.std(ddof=1)) if len(diff) > 1 else float("nan"),
+        "wins": int((diff > 0).sum()),
+        "ties": int((diff == 0).sum()),
+        "losses": int((diff < 0).sum()),
+        "p_value": signed_rank_p(diff),
+    }
+
+
+# training arguments that do not change what a run computes (left out of its fingerprint)
+_NOT_IN_FINGERPRINT = (
+    "output_dir", "logging_dir", "run_name", "disable_tqdm", "report_to", "logging_steps", "logging_strategy",
+    "logging_first_step", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+    "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
+)
+
+
+def fingerprint(model_args: ModelArguments, data_args: DataArguments, training_args: DREGTrainingArguments) -> str:
+    """A short hash of everything that defines the runs but the regularizer and its strength."""
+    import hashlib
+
+    training = {k: v for k, v in training_args.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    for key in ("regularizer", "dreg_lambda", "reg_lambda"):  # set by the search and by each final run
+        training.pop(key, None)
+    blob = json.dumps([dataclasses.asdict(model_args), dataclasses.asdict(data_args), training], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def pair_runs(runs: list[dict], seeds: list[int], metric: str) -> list[dict]:
+    """``[{"seed", "plain", "best"}]``: the test ``metric`` of the plain and the best run of each seed."""
+    by_seed = {(run["seed"], run["setting"]): run["metrics"][f"test_{metric}"] for run in runs}
+    missing = [(seed, name) for seed in seeds for name in ("plain", "best") if (seed, name) not in by_seed]
+    if missing:
+        raise ValueError(f"No finished run for {missing}.")
+    return [{"seed": seed, "plain": by_seed[(seed, "plain")], "best": by_seed[(seed, "best")]} for seed in seeds]
+
+
+def _run_key(name: str, seed: int, settings: dict, config: str) -> str:
+    return f"{name}|seed={seed}|{json.dumps(settings, sort_keys=True)}|config={config}"
+
+
+def retrain(
+    featurizer: Featurizer,
+    train: Dataset,
+    test: Dataset,
+    training_args: DREGTrainingArguments,
+    seeds: list[int],
+    settings: dict,
+    data_args: DataArguments,
+    config: str = "",
+    trainer_class: type = DREGTrainer,
+    progress: bool = True,
+) -> list[dict]:
+    """Train every setting of ``settings`` (name -> DREGConfig fields) with every seed on ``train``, evaluate
+    on ``test``; finished runs are appended to ``runs.jsonl`` and skipped when run again with the same ``config``
+    (a :func:`fingerprint` of the other arguments)."""
+    runs_path = Path(training_args.output_dir) / RUNS_FILE
+    finished = {record["run"]: record for record in read_results(runs_path)}
+    todo = [(seed, name) for seed in seeds for name in settings]
+    records = {}
+    train_features = test_features = noisy_features = None
+    bar = tqdm(total=len(todo), desc="retrain (best vs plain)", unit="run", disable=not progress)
+    try:
+        for seed, name in todo:
+            key = _run_key(name, seed, settings[name], config)
+            if key in finished:
+                records[key] = finished[key]
+                bar.update(1)
+                continue
+            if train_features is None:
+                train_features, test_features = featurizer.features(train), featurizer.features(test)
+                if data_args.eval_noise > 0:
+                    noisy_features = featurizer.features(test, data_args.eval_noise, seed=0)
+            bar.set_postfix_str(f"{name} seed {seed}")
+            start = time.perf_counter()
+            args = derive_args(
+                training_args, settings[name], seed=seed, output_dir=os.path.join(training_args.output_dir, "runs", f"{name}-seed{seed}"),
+                eval_strategy="no", save_strategy="no", load_best_model_at_end=False, push_to_hub=False,
+            )  # fmt: skip
+            tf.set_seed(seed)
+            trainer = trainer_class(
+                model=featurizer.model_init(), args=args, train_dataset=train_features, processing_class=featurizer.processor,
+                data_collator=featurizer.collator, compute_metrics=ClassificationMetrics(),
+            )  # fmt: skip
+            train_metrics = trainer.train().metrics
+            metrics = trainer.evaluate(test_features, metric_key_prefix="test")
+            if noisy_features is not None:
+                metrics.update(trainer.evaluate(noisy_features, metric_key_prefix="test_noisy"))
+            record = {
+                "run": key,
+                "config": config,
+                "setting": name,
+                "seed": seed,
+                "settings": settings[name],
+                "reg_lambda": args.reg_lambda,
+                "weight_decay": args.weight_decay,
+                "metrics": metrics,
+                "train_metrics": train_metrics,
+                "train_examples": len(train),
+                "test_examples": len(test),
+                "wall_time_s": round(time.perf_counter() - start, 2),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            append_result(runs_path, record)
+            records[key] = record
+            bar.update(1)
+    finally:
+        bar.close()
+    return [records[_run_key(name, seed, settings[name], config)] for seed, name in todo]
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}" if value is not None and math.isfinite(value) else "nan"
+
+
+def _describe(settings: dict) -> str:
+    if settings["regularizer"] == "dreg":
+        return f"dreg, dreg_lambda={settings['dreg_lambda']:.4g}"
+    if settings["regularizer"] == "none":
+        return "none"
+    return f"{settings['regularizer']}, reg_lambda={settings['reg_lambda']:.4g}"
+
+
+def write_report(results: dict, folder: str | Path) -> Path:
+    """``TUNE_REPORT.md`` and the paired plot in ``folder``; returns the report's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metric = results["metric"]
+    per_seed = results["per_seed"]
+    comparison = results["comparison"]
+    search = results["search"]
+    best = _describe(search["best_settings"])
+    plot = plot_paired(per_seed, metric, folder / f"paired_{metric}.png", best)
+    unit = "" if metric == "loss" else " (%)"
+    show = (lambda v: f"{v:.4f}") if metric == "loss" else _pct
+    show_diff = (lambda v: f"{v:+.4f}") if metric == "loss" else (lambda v: f"{100 * v:+.2f}")
+    lines = [
+        "# Tuned regularizer against plain fine-tuning",
+        "",
+        f"Search: {search['backend']}, {len(search['trials'])} trials on a stratified validation split carved from the "
+        f"training data ({results['data']['search_validation_examples']} of {results['data']['train_examples']} examples); "
+        f"the test set ({results['data']['test_examples']} examples) was not used in the search.",
+        f"Best setting: **{best}** (validation {search['metric']} {search['best_value']:.4g}, trial {search['best_trial']}).",
+        f"Plain: dreg_lambda = 0. Both retrained on all {results['data']['train_examples']} training examples with each seed, "
+        f"scored on the test set.",
+        "",
+        f"| seed | plain test {metric}{unit} | best test {metric}{unit} | best - plain |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in per_seed:
+        diff = row["best"] - row["plain"]
+        lines.append(f"| {row['seed']} | {show(row['plain'])} | {show(row['best'])} | {show_diff(diff)} |")
+    lines.append(
+        f"| mean | {show(comparison['plain_mean'])} | {show(comparison['best_mean'])} | {show_diff(comparison['mean_difference'])} |"
+    )
+    p = comparison["p_value"]
+    lines += [
+        "",
+        f"Paired Wilcoxon signed-rank test (two-sided, scipy; tied pairs dropped): {comparison['pairs']} pairs, "
+        f"{comparison['wins']} wins / {comparison['ties']} ties / {comparison['losses']} losses of the best setting, "
+        f"p = {p:.4g}" + (" (every pair tied: no test)" if not math.isfinite(p) else "") + ".",
+        "",
+        f"![{plot.name}]({plot.name})",
+        "",
+        f"Every run: `{RESULTS_FILE}` (and `{RUNS_FILE}`).",
+        "",
+    ]
+    path = folder / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def plot_paired(per_seed: list[dict], metric: str, path: Path, best_label: str) -> Path:
+    """The test metric of plain and best for each seed, joined by a line per seed; the means in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 1.0 if metric == "loss" else 100.0
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for row in per_seed:
+        ax.plot([0, 1], [scale * row["plain"], scale * row["best"]], "o-", color="tab:blue", alpha=0.6)
+        ax.annotate(f"seed {row['seed']}", (1, scale * row["best"]), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
+    means = [scale * np.mean([r["plain"] for r in per_seed]), scale * np.mean([r["best"] for r in per_seed])]
+    ax.plot([0, 1], means, "D-", color="black", label="mean", linewidth=2)
+    ax.set_xticks([0, 1], ["plain (lambda 0)", best_label], fontsize=8)
+    ax.set_xlim(-0.3, 1.5)
+    ax.set_ylabel(f"test {metric}" + ("" if metric == "loss" else " (%)"))
+    ax.set_title("Paired by seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the whole run -------------------------------------------------------------------------------
+
+
+def run_tune(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DREGTrainingArguments,
+    tune_args: TuneArguments,
+    progress: bool = True,
+) -> dict:
+    """Search on a validation split of the training data, retrain best and plain over the seeds, compare on the test set."""
+    from .sweep import versions
+
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    splits, regime = prepare_splits(data_args, data_seed)
+    train, test = splits["train"], splits["validation"]  # the user's evaluation split is the test set
+    search_train, search_validation = stratified_split(train, tune_args.validation_fraction, data_args.label_column, data_seed)
+    featurizer = Featurizer(model_args, data_args, train)
+
+    config = fingerprint(model_args, data_args, training_args)
+    search_record = search(featurizer, search_train, search_validation, training_args, tune_args, config=config)
+    settings = {"plain": dict(PLAIN), "best": search_record["best_settings"]}
+    runs = retrain(featurizer, train, test, training_args, tune_args.seeds, settings, data_args, config, progress=progress)
+
+    per_seed = pair_runs(runs, tune_args.seeds, tune_args.search_metric)
+    comparison = paired_comparison([r["plain"] for r in per_seed], [r["best"] for r in per_seed])
+    results = {
+        "metric": tune_args.search_metric,
+        "search": search_record,
+        "settings": settings,
+        "per_seed": per_seed,
+        "comparison": comparison,
+        "runs": runs,
+        "data": {
+            **regime,
+            "data_seed": data_seed,
+            "validation_fraction": tune_args.validation_fraction,
+            "search_train_examples": len(search_train),
+            "search_validation_examples": len(search_validation),
+            "test_examples": len(test),
+        },
+        "model": model_args.model_name_or_path or f"{model_args.model_type} from scratch",
+        "config": config,
+        "versions": versions(),
+    }
+    with open(os.path.join(training_args.output_dir, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    results["report"] = str(write_report(results, training_args.output_dir))
+    return results
+
+
+def parse_tune_args(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, DREGTrainingArguments, TuneArguments) from flags or one .yaml/.json file."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = tf.HfArgumentParser((ModelArguments, DataArguments, DREGTrainingArguments, TuneArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args, tune_args = parse_tune_args(argv)
+    results = run_tune(model_args, data_args, training_args, tune_args)
+    print(Path(results["report"]).read_text(encoding="utf-8"))
+    return results

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Tune the regularizer on your data and compare it with plain fine-tuning over several seeds.
+
+    python scripts/tune.py configs/tune_minilm_sst2.yaml
+    python scripts/tune.py --model_name_or_path packaged-minilm --data_dir ../shared/data/sst2 --samples_per_class 32 \\
+        --n_trials 20 --seeds 0 1 2 3 4 --output_dir outputs/tune-sst2 [--backend ray --address auto]
+
+Carves a stratified validation split from the training data, searches with Trainer.hyperparameter_search
+(Optuna with SQLite storage by default: a killed search resumes), retrains the best setting and plain
+fine-tuning with each seed and reports the paired difference on the test set (Wilcoxon signed-rank test,
+Markdown table, plot, JSON of every run). See hf_dreg/tune.py and README "Tune lambda on your data".
+"""
+
+from hf_dreg.tune import main
+
+if __name__ == "__main__":
+    main()
