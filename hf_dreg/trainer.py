@@ -66,6 +66,7 @@ class DREGTrainerMixin:
             self._apply_dreg_to_args(training_args)
         self._dreg_depth = 0
         self._dreg_metrics = {"train": {}, "eval": {}}
+        self._dreg_parts = {"train": {}, "eval": {}}  # (sums, counts) added up before dividing (see Penalty.parts)
         self._positions: dict[str, torch.Tensor] = {}
         self._loss_kwargs_decided = False
         self.reg_grad_ratios: list[tuple[int, float]] = []  # (optimizer step, ratio) of every measurement
@@ -239,20 +240,25 @@ class DREGTrainerMixin:
             )
             return result if isinstance(result, tuple) else (result, None)
 
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as Trainer.training_step decides whether to divide by the accumulation steps
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         with self._dreg_attached():
             training = model.training
             steps = self.current_gradient_accumulation_steps if training else 1
             step = StepInfo(steps, self.accelerator.num_processes, self._positions, self.state.global_step, masks)
+            if scaled and num_items_in_batch is not None:
+                # the task loss is a sum over the step's items divided by their count (times the processes)
+                step.example_scale = num_items_in_batch / (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1)
             loss, outputs, penalty = self.regularizer.compute(model, inputs, task_loss, step)
         mode = "train" if training else "eval"
         if penalty.value is not None:
             self._record(mode, self.regularizer.name, penalty.value)
         for key, value in penalty.extra.items():
             self._record(mode, key, value)
+        for key, parts in penalty.parts.items():
+            self._dreg_parts[mode].setdefault(key, []).append(parts)
         if penalty.term is not None:
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:
-                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             term = penalty.term / steps if scaled else penalty.term
             if self._calibration_due(model):
                 self._calibrate(model, loss, term)
@@ -270,7 +276,8 @@ class DREGTrainerMixin:
         if not self._dreg_loss_seen and isinstance(regularizer, DREG) and regularizer.handle is not None and "labels" in inputs:
             # the base class computed the loss with its own forward, not compute_loss (Seq2SeqTrainer with
             # predict_with_generate: generate, then model(**inputs)): the penalty of that last forward
-            self._record("eval", regularizer.name, regularizer.value_of_last_forward(position_masks(inputs)))
+            for key, parts in regularizer.value_of_last_forward(position_masks(inputs)).items():
+                self._dreg_parts["eval"].setdefault(key, []).append(parts)
         return result
 
     def _record(self, mode: str, key: str, value) -> None:
@@ -370,11 +377,20 @@ class DREGTrainerMixin:
                     check_finite(value, getattr(self.regularizer, "last_values", {}) or {key: value})
                 logs[prefix + key] = float(f"{value.item():.6g}")
             self._dreg_metrics[mode].clear()
+        if mode is not None and self._dreg_parts[mode]:
+            for key, parts in self._dreg_parts[mode].items():
+                total = torch.stack([p.double() for p in parts]).sum(0)  # (2, sites): sums and counts
+                if self.accelerator.num_processes > 1:
+                    total = self.accelerator.reduce(total.to(self.args.device), reduction="sum")
+                value = (total[0] / total[1].clamp_min(1)).mean()
+                logs[prefix + key] = float(f"{value.item():.6g}")
+            self._dreg_parts[mode].clear()
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, **kwargs):
         # eval_<penalty> is this loop's alone: predict() runs the same loop but does not log, so drop what it left
         self._dreg_metrics["eval"].clear()
+        self._dreg_parts["eval"].clear()
         return super().evaluation_loop(*args, **kwargs)
 
     # ---- saving: the settings beside every checkpoint and in the model card -----------------------

@@ -543,15 +543,6 @@ def test_eval_dreg_counts_only_the_evaluated_data(tmp_path):
     assert again["eval_dreg"] == pytest.approx(first["eval_dreg"], rel=LOGGED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "eval_dreg is the unweighted mean of the evaluation batches' own DREG means (regularizers/dreg.py "
-        "DREG.compute: value=local.mean(); trainer.py DREGTrainerMixin.log), not the DREG of the evaluated data, so it "
-        "depends on per_device_eval_batch_size: 8 texts of valid lengths 12,11,10,12 | 3,2,4,5, batches of 4: "
-        "0.00150809, one batch of 8: 0.00150459 (= the DREG of the data by hand)"
-    ),
-)
 def test_eval_dreg_is_the_penalty_of_the_evaluated_data_whatever_the_batch_size(tmp_path):
     dataset = padded_dataset(LENGTHS_8)  # eval batches of 4 with 45 and 14 valid positions
     trainer = DREGTrainer(model=tiny_bert(), args=make_args(tmp_path, per_device_eval_batch_size=4), eval_dataset=dataset)

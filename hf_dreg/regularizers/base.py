@@ -19,6 +19,9 @@ class StepInfo:
     positions: dict[str, Tensor] = field(default_factory=dict)
     optimizer_step: int = 0
     masks: dict[str, Tensor] | None = None  # this micro-batch's valid positions (hf_dreg.positions.position_masks)
+    # when the task loss is normalised over the step's items: their count (divided by the processes the
+    # Trainer multiplies by), so that loss * example_scale is the sum of the per-example losses
+    example_scale: Tensor | float | None = None
 
 
 @dataclass
@@ -34,6 +37,9 @@ class Penalty:
     term: Tensor | None = None
     value: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    # evaluation: per logged name, (sum over valid positions, their count) of every site, shape (2, sites):
+    # summed over the evaluated batches before dividing, so the value is that of the whole evaluated data
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Regularizer:

@@ -40,23 +40,32 @@ class DREG(Regularizer):
             raise RuntimeError("DREG is not attached: the trainer attaches it for train(), evaluate() and predict().")
         loss, outputs = task_loss(model, inputs)
         sums = self.handle.site_sums(masks=step.masks)
-        local = torch.stack([total / count.clamp_min(1) for _, total, count in sums])
         names = [site.name for site, _, _ in sums]
-        self.last_values = dict(zip(names, local.detach()))  # for the finite check at the next logging step
-        extra = {f"dreg/{n}": v.detach() for n, v in zip(names, local)} if self.log_per_site else {}
-        term = None
         if model.training and torch.is_grad_enabled():
-            term = self.step_normalised(sums, step)
-        return loss, outputs, Penalty(term=term, value=local.mean().detach(), extra=extra)
+            # logged as this micro-batch's share of the step: averaged over the step's micro-batches and
+            # processes it is the step's penalty, the one in the loss
+            per_site = self.step_normalised(sums, step)
+            term = per_site.mean()
+            self.last_values = dict(zip(names, per_site.detach()))  # for the finite check at the next logging step
+            extra = {f"dreg/{n}": v.detach() for n, v in zip(names, per_site)} if self.log_per_site else {}
+            return loss, outputs, Penalty(term=term, value=term.detach(), extra=extra)
+        return loss, outputs, Penalty(parts=self.parts_of(sums))
 
-    def value_of_last_forward(self, masks):
-        """The DREG value (mean over sites of the masked mean) of the model's last forward, detached."""
-        sums = self.handle.site_sums(masks=masks)
-        return torch.stack([total / count.clamp_min(1) for _, total, count in sums]).mean().detach()
+    def parts_of(self, sums) -> dict[str, torch.Tensor]:
+        """(sum, count) of every site, under the logged names: the value is sum / count, mean over sites."""
+        parts = torch.stack([torch.stack([total for _, total, _ in sums]), torch.stack([count for _, _, count in sums])]).detach()
+        named = {self.name: parts}
+        if self.log_per_site:
+            named.update({f"dreg/{site.name}": parts[:, i : i + 1] for i, (site, _, _) in enumerate(sums)})
+        return named
+
+    def value_of_last_forward(self, masks) -> dict[str, torch.Tensor]:
+        """The parts (see ``parts_of``) of the model's last forward."""
+        return self.parts_of(self.handle.site_sums(masks=masks))
 
     @staticmethod
     def step_normalised(sums, step):
-        """This micro-batch's share of the step's DREG.
+        """This micro-batch's share of the step's DREG, per site (the penalty is their mean).
 
         Sites whose positions were counted for the whole step (every micro-batch, every process) are
         divided by that count, times the accumulation steps and processes that the Trainer and DDP
@@ -70,7 +79,7 @@ class DREG(Regularizer):
                 terms.append(total / count.clamp_min(1))
             else:
                 terms.append(total * (step.accumulation_steps * step.processes) / step_count.clamp_min(1))
-        return torch.stack(terms).mean()
+        return torch.stack(terms)
 
     def describe(self):
         kinds = sorted({s.kind for s in self.sites})

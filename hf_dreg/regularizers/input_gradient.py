@@ -27,7 +27,9 @@ class InputGradient(Regularizer):
             return loss, outputs, Penalty()
         inputs, x = model_inputs_with_grad(model, inputs)
         loss, outputs = task_loss(model, inputs)
-        # the task loss is a batch mean: scale by the batch size to get each example's own gradient
-        (grad,) = torch.autograd.grad(loss * x.shape[0], x, create_graph=True)
+        # scale the task loss to a sum over examples to get each example's own gradient: by the batch size
+        # for a per-batch mean, by the step's item count for a loss normalised over the whole step
+        scale = step.example_scale if step.example_scale is not None else x.shape[0]
+        (grad,) = torch.autograd.grad(loss * scale, x, create_graph=True)
         value = batch_mean_of_squares(grad)
         return loss, outputs, Penalty(term=value, value=value.detach())
