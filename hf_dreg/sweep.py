@@ -6,7 +6,12 @@ the axis' name, or a dict of flags with a ``name``), and ``results`` (the JSONL 
 the full cross product is one run of :func:`hf_dreg.finetune.run_classification`.
 
 Resumable: cells already in the results file are skipped. ``shard=(i, n)`` takes every n-th cell.
-``workers`` runs cells in parallel processes with one thread each.
+``workers`` runs cells in parallel processes with one thread each (``backend="local"``, the default).
+``backend="ray"`` runs every cell as a Ray task asking for ``num_cpus`` CPUs and ``num_gpus`` GPUs, on
+the Ray cluster at ``address`` (default: a new local Ray instance, or the one this process already
+started); the driver appends each finished cell to the results file as it arrives, so a killed sweep
+keeps every cell that finished. A cell that fails on Ray does not stop the others: the failures are
+raised together at the end.
 """
 
 from __future__ import annotations
@@ -147,8 +152,69 @@ def _run_in_worker(cell: Cell) -> dict:
     return run_cell(cell, threads=1)
 
 
-def run_sweep(config: SweepConfig, shard=None, workers: int = 1, limit: int | None = None, progress: bool = True) -> list[dict]:
-    """Run every unfinished cell of this shard; returns the records written in this call."""
+def _run_as_ray_task(cell: Cell, cwd: str, threads: int) -> dict:
+    """One cell in a Ray worker: from the driver's folder when this node has it (relative data paths)."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    return run_cell(cell, threads=threads)
+
+
+BACKENDS = ("local", "ray")
+
+
+def _run_on_ray(todo: list[Cell], finish, address: str | None, num_cpus: float, num_gpus: float) -> None:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_run_as_ray_task)
+    threads = max(1, int(num_cpus))
+    cwd = os.getcwd()
+    pending = {task.remote(cell, cwd, threads): cell for cell in todo}
+    failed = []
+    try:
+        while pending:
+            finished, _ = ray.wait(list(pending), num_returns=1)
+            for ref in finished:
+                cell = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    failed.append((cell.id, error))
+                    continue
+                finish(record)
+    finally:
+        for ref in pending:  # interrupted: stop what is still queued or running
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+    if failed:
+        causes = [(cell, getattr(error, "cause", None) or error) for cell, error in failed]  # RayTaskError: the cell's own
+        lines = "\n".join(f"  {cell}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}" for cell, cause in causes)
+        raise RuntimeError(f"{len(failed)} cell(s) failed on Ray (the others are in the results file):\n{lines}") from failed[0][1]
+
+
+def run_sweep(
+    config: SweepConfig,
+    shard=None,
+    workers: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+    backend: str = "local",
+    address: str | None = None,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+) -> list[dict]:
+    """Run every unfinished cell of this shard; returns the records written in this call.
+
+    ``backend="local"``: in this process (``workers=1``) or a pool of ``workers`` processes; ``backend="ray"``:
+    each cell a Ray task with ``num_cpus``/``num_gpus`` on the cluster at ``address``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+    if backend == "ray" and (num_cpus <= 0 or num_gpus < 0):
+        raise ValueError(f"Ray tasks need num_cpus > 0 and num_gpus >= 0, got {num_cpus} and {num_gpus}.")
     done = {record["cell"] for record in read_results(config.results)}
     cells = select_shard(expand_grid(config), shard)
     todo = [cell for cell in cells if cell.id not in done]
@@ -164,7 +230,10 @@ def run_sweep(config: SweepConfig, shard=None, workers: int = 1, limit: int | No
         bar.update(1)
 
     try:
-        if workers <= 1:
+        if backend == "ray":
+            if todo:
+                _run_on_ray(todo, finish, address, num_cpus, num_gpus)
+        elif workers <= 1:
             for cell in todo:
                 finish(run_cell(cell))
         else:

@@ -137,3 +137,29 @@ def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
     assert growth.loc["none", "growth (pts)"] == 3.1 and growth.loc["none", "p (two-sided)"] < 0.01
     text = write_report(path, tmp_path / "report").read_text()
     assert "Does DREG's advantage grow as data shrinks? (clean;" in text
+
+
+def test_the_backend_is_checked_and_the_ray_flags_go_with_ray(monkeypatch, capsys, tmp_path):
+    """--backend ray takes --address/--num_cpus/--num_gpus instead of --workers; the local pool stays the default."""
+    import runpy
+
+    config = SweepConfig(base={}, grid={"seed": [0]}, results=str(tmp_path / "r.jsonl"))
+    with pytest.raises(ValueError, match="backend must be one of local, ray"):
+        run_sweep(config, backend="slurm", progress=False)
+    with pytest.raises(ValueError, match="num_cpus > 0"):
+        run_sweep(config, backend="ray", num_cpus=0, progress=False)
+
+    path = tmp_path / "sweep.yaml"  # 8 cells on data that is not there: nothing may run here
+    path.write_text(f"results: {tmp_path / 'r.jsonl'}\nbase: {{data_dir: {tmp_path / 'none'}}}\ngrid: {{seed: [0, 1, 2, 3, 4, 5, 6, 7]}}\n")
+
+    def script(*flags):
+        monkeypatch.setattr("sys.argv", ["sweep.py", str(path), *flags])
+        runpy.run_path("scripts/sweep.py", run_name="__main__")
+
+    for flags, message in ((["--backend", "ray", "--workers", "2"], "--workers is for the local backend"),
+                           (["--num_gpus", "1"], "--address and --num_gpus are for --backend ray")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            script(*flags)
+        assert message in capsys.readouterr().err
+    script("--backend", "ray", "--num_cpus", "2", "--shard", "1/4", "--dry_run")  # --shard stays
+    assert capsys.readouterr().out.splitlines()[-1] == "2 cells"
