@@ -6,6 +6,15 @@ backward. For GELU and SiLU that is the pre-activation z, which PyTorch already 
 activation's own backward; for ReLU and tanh it is the output a = f(z), which is what PyTorch saves
 for them. Keeping the same tensor the model keeps is what makes the penalty free in memory.
 
+Where the penalty has both z and a = f(z) at hand (the forward of every site; the backward of a gated
+site, whose output the gate's product keeps anyway), ``pair`` gives f, f' and f'' from the two without
+evaluating the activation's transcendental function again: f(z)/z is Phi(z) for GELU, sigmoid(alpha z)
+for SiLU/QuickGELU and (1 + tanh(.))/2 for the tanh GELUs. On a CPU those transcendental passes, not
+memory traffic, are most of the penalty's cost. In float64 the two routes agree to rounding; in float32
+a = f(z) has lost the last digits of 1 - tanh(.) in the far tails, so f' and f'' from the pair are off
+there by a few float32 ulps of f (at most 3e-6 and 2e-5 absolute, for the tanh GELU near z = 4.7). The
+penalty uses the pair only for float32/float64 outputs, never for a bf16/fp16 rounding of f(z).
+
 The table is keyed on classes, never on config strings.
 """
 
@@ -31,6 +40,8 @@ class ActivationSpec:
 
     ``saved`` is ``"input"`` (the functions take z) or ``"output"`` (they take a = f(z)).
     ``family`` groups activations for the ``activations=`` choice ("gelu" or the name itself).
+    ``pair`` (optional): ``(z, a) -> (f, f', f'')`` from z and the activation's own output a = f(z),
+    exact for any a equal to f(z) up to rounding; None where a does not determine them (clipped GELU).
     """
 
     name: str
@@ -39,6 +50,17 @@ class ActivationSpec:
     value: Callable[[Tensor], Tensor]
     first: Callable[[Tensor], Tensor]
     second: Callable[[Tensor], Tensor]
+    pair: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+
+
+def _ratio(a: Tensor, z: Tensor) -> Tensor:
+    """a / z = f(z) / z for the GELU/SiLU family, with its limit 1/2 where |z| is too small to divide by.
+
+    Below sqrt(tiny) the true ratio is 1/2 to within |z| * 0.4 (far below the dtype's resolution), and
+    a = f(z) may have lost digits to underflow.
+    """
+    small = z.abs() < torch.finfo(z.dtype).tiny ** 0.5
+    return torch.where(small, 0.5, a / torch.where(small, 1.0, z))
 
 
 def _gelu_exact() -> ActivationSpec:
@@ -48,6 +70,10 @@ def _gelu_exact() -> ActivationSpec:
     def pdf(z):
         return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
+    def pair(z, a):  # Phi(z) = a / z: one exp instead of erf and exp
+        phi = pdf(z)
+        return a, _ratio(a, z) + z * phi, phi * (2.0 - z * z)
+
     return ActivationSpec(
         name="gelu",
         family="gelu",
@@ -55,6 +81,7 @@ def _gelu_exact() -> ActivationSpec:
         value=lambda z: z * cdf(z),
         first=lambda z: cdf(z) + z * pdf(z),
         second=lambda z: pdf(z) * (2.0 - z * z),
+        pair=pair,
     )
 
 
@@ -77,6 +104,15 @@ def _gelu_tanh(k: float = _SQRT_2_OVER_PI) -> ActivationSpec:
         ddu = 6.0 * k * c * z
         return sech2 * du + 0.5 * z * (sech2 * ddu - 2.0 * t * sech2 * du * du)
 
+    def pair(z, a):  # w = a / z = (1 + t) / 2: no tanh
+        w = _ratio(a, z)
+        sech2 = 4.0 * w * (1.0 - w)
+        du = k * (1.0 + 3.0 * c * z * z)
+        ddu = 6.0 * k * c * z
+        first = w + 0.5 * z * sech2 * du
+        second = sech2 * du + 0.5 * z * sech2 * (ddu - 2.0 * (2.0 * w - 1.0) * du * du)
+        return a, first, second
+
     return ActivationSpec(
         name="gelu_tanh",
         family="gelu",
@@ -84,6 +120,7 @@ def _gelu_tanh(k: float = _SQRT_2_OVER_PI) -> ActivationSpec:
         value=lambda z: 0.5 * z * (1.0 + torch.tanh(inner(z))),
         first=first,
         second=second,
+        pair=pair,
     )
 
 
@@ -98,8 +135,19 @@ def _sigmoid_linear(alpha: float, name: str, family: str) -> ActivationSpec:
         s = torch.sigmoid(alpha * z)
         return alpha * s * (1.0 - s) * (2.0 + alpha * z * (1.0 - 2.0 * s))
 
+    def pair(z, a):  # sigmoid(alpha z) = a / z: no exp
+        s = _ratio(a, z)
+        ds = alpha * s * (1.0 - s)
+        return a, s + z * ds, ds * (2.0 + alpha * z * (1.0 - 2.0 * s))
+
     return ActivationSpec(
-        name=name, family=family, saved="input", value=lambda z: z * torch.sigmoid(alpha * z), first=first, second=second
+        name=name,
+        family=family,
+        saved="input",
+        value=lambda z: z * torch.sigmoid(alpha * z),
+        first=first,
+        second=second,
+        pair=pair,
     )
 
 
@@ -121,13 +169,23 @@ def _clipped_gelu(low: float, high: float) -> ActivationSpec:
     )
 
 
+def _from_output(first, second):
+    return lambda z, a: (a, first(a), second(a))
+
+
+_RELU_FIRST = lambda a: (a > 0).to(a.dtype)  # noqa: E731
+_RELU_SECOND = lambda a: torch.zeros_like(a)  # noqa: E731
+_TANH_FIRST = lambda a: 1.0 - a * a  # noqa: E731
+_TANH_SECOND = lambda a: -2.0 * a * (1.0 - a * a)  # noqa: E731
+
 _RELU = ActivationSpec(
     name="relu",
     family="relu",
     saved="output",
     value=lambda a: a,
-    first=lambda a: (a > 0).to(a.dtype),
-    second=lambda a: torch.zeros_like(a),
+    first=_RELU_FIRST,
+    second=_RELU_SECOND,
+    pair=_from_output(_RELU_FIRST, _RELU_SECOND),
 )
 
 _TANH = ActivationSpec(
@@ -135,8 +193,9 @@ _TANH = ActivationSpec(
     family="tanh",
     saved="output",
     value=lambda a: a,
-    first=lambda a: 1.0 - a * a,
-    second=lambda a: -2.0 * a * (1.0 - a * a),
+    first=_TANH_FIRST,
+    second=_TANH_SECOND,
+    pair=_from_output(_TANH_FIRST, _TANH_SECOND),
 )
 
 _GELU = _gelu_exact()

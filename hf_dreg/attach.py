@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .activations import spec_for
 from .layers import weight_rows
-from .penalty import gated_site_penalty, plain_site_penalty, row_dots, row_stats
+from .penalty import gated_row_stats, gated_site_penalty, plain_site_activation, plain_site_penalty, row_stats
 from .positions import position_masks
 from .sites import PLAIN, Site, find_sites
 
@@ -133,25 +133,37 @@ class DREGHandle:
         def hook(module, args, output):
             pieces = self._pieces[site.name]
             pieces.g, pieces.a = args[0], output
-            self._maybe_fire(site)
+            return self._maybe_fire(site, at_activation=True)
 
         return hook
 
-    def _maybe_fire(self, site: Site) -> None:
+    def _maybe_fire(self, site: Site, at_activation: bool = False) -> Tensor | None:
+        """Compute the site's p once its pieces are in; returns the activation's new output, if any.
+
+        A plain site whose weight is read before its activation runs (the usual order) is computed in
+        the activation's hook by ``plain_site_activation``: its output (same values) replaces the
+        activation's, so that one backward pass gives z both gradients.
+        """
         pieces = self._pieces[site.name]
         if pieces.g is None or pieces.w_gate is None:
-            return
+            return None
         spec = self._specs[site.name]
+        output = None
         if site.kind == PLAIN:
-            p = plain_site_penalty(pieces.g, pieces.a, row_stats(pieces.w_gate), spec, self.fused)
+            r = row_stats(pieces.w_gate, self.fused)
+            if at_activation and isinstance(pieces.a, Tensor):
+                output, p = plain_site_activation(pieces.g, pieces.a, r, spec, self.fused)
+            else:
+                p = plain_site_penalty(pieces.g, pieces.a, r, spec, self.fused)
         else:
             if pieces.u is None:
-                return
-            rg, ru, c = row_stats(pieces.w_gate), row_stats(pieces.w_up), row_dots(pieces.w_gate, pieces.w_up)
+                return None
+            rg, ru, c = gated_row_stats(pieces.w_gate, pieces.w_up, self.fused)
             p = gated_site_penalty(pieces.g, pieces.a, pieces.u, rg, ru, c, spec, self.fused)
         self._pieces[site.name] = _Pieces()
         if self._recording:  # off while gradient checkpointing recomputes a layer in backward
             self._records[site.name] = p
+        return output
 
     # ---- reading the penalty --------------------------------------------------------------------
 
