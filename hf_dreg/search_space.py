@@ -20,8 +20,7 @@ trials there.
 
 Other regularizers (optional): ``DREGSearchSpace(regularizers=["dreg", "weight_decay", "spectral_norm"])``
 also searches which regularizer, each with its own log-uniform ``reg_lambda`` range
-(:data:`REG_LAMBDA_RANGES`). Searching the regularizer needs a trainer that rebuilds the regularizer for
-each trial: :func:`searchable` (see its docstring; ``hf_dreg.trainer`` does not yet, 2026-11).
+(:data:`REG_LAMBDA_RANGES`); every DREG trainer rebuilds the regularizer of each trial.
 """
 
 from __future__ import annotations
@@ -163,69 +162,6 @@ def default_hp_space(trial) -> dict:
 # ---- a trainer that rebuilds the regularizer of each trial ------------------------------------------
 
 
-class RebuildPerTrialMixin:
-    """Rebuild the regularizer after each trial's settings are applied (and restore the base weight decay).
-
-    transformers' ``train(trial=...)`` calls ``model_init`` (where a DREG trainer builds the regularizer
-    from the settings it has) *before* ``_hp_search_setup`` applies the trial's settings. A DREG trainer
-    applies the new strength (read at every step), but keeps the regularizer *object* of the previous
-    trial: a trial with another ``regularizer`` trains with the previous one, and a DREG trial whose base
-    arguments had ``dreg_lambda=0`` trains with no penalty at all. A ``weight_decay`` trial also leaves
-    its decay in ``args.weight_decay`` for the trials after it. This mixin fixes both; it is harmless once
-    the DREG trainer does it itself.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        config = self.dreg_config
-        self._base_weight_decay = 0.0 if config.regularizer == "weight_decay" else self.args.weight_decay
-
-    def _hp_search_setup(self, trial):
-        searching = trial is not None and self.hp_search_backend is not None
-        if searching:
-            self.args.weight_decay = self._base_weight_decay
-        super()._hp_search_setup(trial)
-        if searching and self.model is not None:
-            attached = self._dreg_depth > 0
-            self._build_regularizer(self.model)
-            if attached:
-                self.regularizer.activate(self.model)
-
-
-_SEARCHABLE: dict[type, type] = {}
-
-
-def searchable(trainer_cls: type) -> type:
-    """A subclass of a DREG trainer class (``DREGTrainer``, ``with_dreg(X)``) that rebuilds the regularizer
-    for every trial of ``hyperparameter_search`` (see :class:`RebuildPerTrialMixin`)."""
-    from .trainer import DREGTrainerMixin
-
-    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, DREGTrainerMixin)):
-        raise TypeError(f"searchable expects a DREG trainer class (DREGTrainer or with_dreg(...)), got {trainer_cls!r}.")
-    if issubclass(trainer_cls, RebuildPerTrialMixin):
-        return trainer_cls
-    if trainer_cls not in _SEARCHABLE:
-        # made here, so pickled by value by cloudpickle (Ray); SearchableDREGTrainer below is importable
-        name = f"Searchable{trainer_cls.__name__}"
-        _SEARCHABLE[trainer_cls] = type(name, (RebuildPerTrialMixin, trainer_cls), {"__module__": __name__, "__qualname__": f"searchable.{name}"})
-    return _SEARCHABLE[trainer_cls]
-
-
-def _searchable_dreg_trainer():
-    from .trainer import DREGTrainer
-
-    class SearchableDREGTrainer(RebuildPerTrialMixin, DREGTrainer):
-        """``DREGTrainer`` that rebuilds the regularizer for every trial of ``hyperparameter_search``."""
-
-    SearchableDREGTrainer.__module__ = __name__
-    SearchableDREGTrainer.__qualname__ = "SearchableDREGTrainer"
-    _SEARCHABLE[DREGTrainer] = SearchableDREGTrainer
-    return SearchableDREGTrainer
-
-
-SearchableDREGTrainer = _searchable_dreg_trainer()
-
-
 __all__ = [
     "LAMBDA_RANGE",
     "REG_LAMBDA_RANGES",
@@ -233,7 +169,4 @@ __all__ = [
     "default_hp_space",
     "default_hp_space_optuna",
     "default_hp_space_ray",
-    "RebuildPerTrialMixin",
-    "SearchableDREGTrainer",
-    "searchable",
 ]

@@ -62,6 +62,7 @@ class DREGTrainerMixin:
         elif not isinstance(dreg_config, DREGConfig):
             raise TypeError(f"dreg_config must be a hf_dreg.DREGConfig, got {type(dreg_config).__name__}.")
         self.dreg_config = dreg_config
+        self._base_weight_decay = None  # the optimizer's decay apart from regularizer='weight_decay'
         if training_args is not None:
             self._apply_dreg_to_args(training_args)
         self._dreg_depth = 0
@@ -90,6 +91,8 @@ class DREGTrainerMixin:
     # ---- settings ---------------------------------------------------------------------------------
 
     def _apply_dreg_to_args(self, args) -> None:
+        if self._base_weight_decay is None:
+            self._base_weight_decay = 0.0 if self.dreg_config.regularizer == "weight_decay" else args.weight_decay
         args.weight_decay = self.dreg_config.resolve_weight_decay(args.weight_decay)
         require_non_reentrant_checkpointing(args, self.dreg_config)
 
@@ -172,8 +175,13 @@ class DREGTrainerMixin:
         for key, value in values.items():
             setattr(self.dreg_config, key, value)
         self.dreg_config.check_dreg_settings()
+        self.args.weight_decay = self._base_weight_decay  # not the decay a previous weight_decay trial set
         self._apply_dreg_to_args(self.args)
-        self._regularizer_model = None  # rebuilt for this trial's model and strength
+        # train() calls model_init before this: rebuild the regularizer of this trial on the model it built
+        if self.model is not None:
+            self._build_regularizer(self.model)
+            if self._dreg_depth > 0:
+                self.regularizer.activate(self.model)
 
     # ---- the loss ---------------------------------------------------------------------------------
 

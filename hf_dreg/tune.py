@@ -50,7 +50,7 @@ from .finetune import (
 from .metrics import classification_metrics
 from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
 from .results_store import append_result, read_results
-from .search_space import LAMBDA_RANGE, DREGSearchSpace, searchable
+from .search_space import LAMBDA_RANGE, DREGSearchSpace
 from .trainer import DREGTrainer
 
 logger = tf.utils.logging.get_logger(__name__)
@@ -261,7 +261,7 @@ def search(
     )  # fmt: skip
 
     def make_trainer():
-        return searchable(trainer_class)(
+        return trainer_class(
             model_init=featurizer.model_init,
             args=args,
             train_dataset=featurizer.features(search_train),
