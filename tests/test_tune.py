@@ -142,6 +142,7 @@ def tuned(data_dir, tmp_path_factory, tokenizer):
 # ---- the search never sees the test set -----------------------------------------------------------
 
 
+@pytest.mark.slow  # the shared run_tune fixture takes about 4 minutes on 2 cores
 def test_the_search_sees_only_training_data_and_the_test_set_only_the_final_runs(tuned, data_dir, tokenizer):
     results, spy, _ = tuned
     train = _tokenized(tokenizer, data_dir / "train.jsonl")
@@ -172,6 +173,7 @@ def test_the_search_sees_only_training_data_and_the_test_set_only_the_final_runs
 # ---- the paired comparison, the table and the plot ------------------------------------------------
 
 
+@pytest.mark.slow  # the shared run_tune fixture takes about 4 minutes on 2 cores
 def test_each_seed_is_paired_and_the_p_value_is_scipys(tuned):
     from scipy.stats import wilcoxon
 
@@ -227,6 +229,7 @@ def test_paired_comparison_equals_scipy(plain, best):
     assert math.isnan(paired_comparison([0.5, 0.6], [0.5, 0.6])["p_value"])  # every pair tied: no test
 
 
+@pytest.mark.slow  # the shared run_tune fixture takes about 4 minutes on 2 cores
 def test_the_table_and_the_plot_are_written(tuned):
     import matplotlib.image
 
@@ -290,6 +293,7 @@ def test_a_killed_search_resumes_and_the_trials_add_up(data_dir, tmp_path, monke
         run_tune(*_arguments(data_dir, output, max_steps=2, n_trials=3, seeds=[0], search_metric="loss"), progress=False)
 
 
+@pytest.mark.slow  # the shared run_tune fixture takes about 4 minutes on 2 cores
 def test_more_trials_on_the_same_storage_add_to_the_study(tuned, data_dir, tmp_path, tokenizer):
     _, _, output = tuned
     copy = tmp_path / "out"
