@@ -107,6 +107,7 @@ class DREGHandle:
     def _on_model_call(self, module, args, kwargs):
         self._records = {}
         self._last = {}
+        self._pieces = {site.name: _Pieces() for site in self.sites}  # nothing left from a call outside a forward
         self._recording = True
         if args and self._signature is not None:
             try:

@@ -267,16 +267,6 @@ def test_per_site_values_are_each_sites_penalty_by_hand(family):
     assert all(checked[0][name] != pytest.approx(checked[1][name], rel=1e-6) for name in checked[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "attach.py DREGHandle: a site's collected pieces (_Pieces: g, a, w_gate, ...) are not reset when the model is "
-        "called (_on_model_call resets _records and _last only), so a call of the site's activation module outside "
-        "a forward leaves its input behind, and the next forward's plain site fires at its feeding layer's hook with "
-        "that stale input: tiny BERT (float64, weights x4) penalty 0.0284787, after act(zeros) 0.0276303, the "
-        "forward after that 0.0284787 again"
-    ),
-)
 def test_calling_a_site_activation_between_forwards_does_not_change_the_next_penalty():
     model = _f64_model("bert")
     inputs = tiny_inputs(model)
