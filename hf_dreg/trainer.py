@@ -238,13 +238,12 @@ class DREGTrainerMixin:
         return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        regularizer = self.regularizer
         self._dreg_loss_seen = True
         masks = position_masks(inputs)  # before the base class pops anything (labels) from the batch
 
         def task_loss(model, inputs):
             result = super(DREGTrainerMixin, self).compute_loss(
-                model, inputs, return_outputs=return_outputs or regularizer.needs_outputs, num_items_in_batch=num_items_in_batch
+                model, inputs, return_outputs=return_outputs or self.regularizer.needs_outputs, num_items_in_batch=num_items_in_batch
             )
             return result if isinstance(result, tuple) else (result, None)
 
