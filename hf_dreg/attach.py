@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .activations import spec_for
-from .layers import weight_rows
-from .penalty import gated_row_stats, gated_site_penalty, plain_site_activation, plain_site_penalty, row_stats
+from .layers import penalty_weight_rows
+from .low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
+from .penalty import gated_site_penalty, plain_site_activation, plain_site_penalty
 from .positions import position_masks
 from .sites import PLAIN, Site, find_sites
 
@@ -54,8 +55,10 @@ def _chunk(t: Tensor, chunk) -> Tensor:
     return t if chunk is None else t.chunk(chunk[1], dim=-1)[chunk[0]]
 
 
-def _weight_chunk(w: Tensor, chunk) -> Tensor:
-    return w if chunk is None else w.chunk(chunk[1], dim=0)[chunk[0]]
+def _weight_chunk(w: Tensor | LowRankRows, chunk) -> Tensor | LowRankRows:
+    if chunk is None:
+        return w
+    return w.chunk(chunk[0], chunk[1]) if isinstance(w, LowRankRows) else w.chunk(chunk[1], dim=0)[chunk[0]]
 
 
 class DREGHandle:
@@ -118,7 +121,7 @@ class DREGHandle:
 
     def _layer_hook(self, entries):
         def hook(module, args, output):
-            w = weight_rows(module)
+            w = penalty_weight_rows(module)
             for site, role in entries:
                 pieces = self._pieces[site.name]
                 if role == "gate":
@@ -151,7 +154,7 @@ class DREGHandle:
         spec = self._specs[site.name]
         output = None
         if site.kind == PLAIN:
-            r = row_stats(pieces.w_gate, self.fused)
+            r = weight_row_stats(pieces.w_gate, self.fused)
             if at_activation and isinstance(pieces.a, Tensor):
                 output, p = plain_site_activation(pieces.g, pieces.a, r, spec, self.fused)
             else:
@@ -159,7 +162,7 @@ class DREGHandle:
         else:
             if pieces.u is None:
                 return None
-            rg, ru, c = gated_row_stats(pieces.w_gate, pieces.w_up, self.fused)
+            rg, ru, c = weight_gated_row_stats(pieces.w_gate, pieces.w_up, self.fused)
             p = gated_site_penalty(pieces.g, pieces.a, pieces.u, rg, ru, c, spec, self.fused)
         self._pieces[site.name] = _Pieces()
         if self._recording:  # off while gradient checkpointing recomputes a layer in backward

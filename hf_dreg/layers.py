@@ -19,6 +19,9 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .low_rank import LowRankRows
+from .penalty import compute_dtype
+
 
 class UnsupportedLayerError(ValueError):
     """A layer feeding a DREG site whose effective weight hf_dreg cannot read exactly (a PEFT adapter type)."""
@@ -146,6 +149,27 @@ def weight_rows(module: nn.Module) -> Tensor:
     return _as_rows(base_of(module), _stored_weight(module))
 
 
+def penalty_weight_rows(module: nn.Module) -> Tensor | LowRankRows:
+    """:func:`weight_rows` as the penalty reads it: a LoRA layer's as its factors, never formed.
+
+    For a LoRA layer (``peft.tuners.lora.layer.Linear``) with active adapters on a plain base layer the
+    rows are :class:`~hf_dreg.low_rank.LowRankRows`: the base weight, ``scaling * lora_B`` of every
+    active adapter and their ``lora_A``, stacked; :mod:`hf_dreg.low_rank` computes the row statistics
+    from them without the dense (out, in) weight. Any other layer gives :func:`weight_rows`.
+    """
+    if not is_adapter_layer(module) or adapter_kind(module) != "LoRA" or is_adapter_layer(module.base_layer):
+        return weight_rows(module)
+    check_supported(module)
+    adapters = _active_adapters(module, "LoRA")
+    if not adapters:
+        return weight_rows(module)
+    base = _as_rows(module.base_layer, module.base_layer.weight)
+    dtype = compute_dtype(torch.promote_types(base.dtype, module.lora_B[adapters[0]].weight.dtype))
+    up = torch.cat([module.lora_B[a].weight.to(dtype) * module.scaling[a] for a in adapters], dim=1)
+    down = torch.cat([module.lora_A[a].weight.to(dtype) for a in adapters], dim=0)
+    return LowRankRows(base, up, down)
+
+
 def weight_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of the innermost layer, from its weight's shape (no adapter math)."""
     base = base_of(module)
@@ -169,15 +193,26 @@ def bias_of(module: nn.Module) -> Tensor | None:
 
 
 def computes_linear(module: nn.Module, w: Tensor, x: Tensor, out: Tensor) -> bool | None:
-    """Whether out == x @ w.T + b numerically (float32 tolerances); None where there are no values (meta)."""
+    """Whether out == x @ w.T + b up to the rounding of ``out``'s dtype; None where there are no values (meta).
+
+    The reference is computed in float32 (float64 for float64) and may differ from ``out`` by the
+    rounding of a product summed in ``out``'s dtype: at most a few units of its precision (at least
+    1e-3, for TF32 matmuls) times sum_k |x_k| |w_ik| + |b_i|. A bf16 LoRA layer, which adds its float32
+    adapters' output to the bf16 base output, passes; a layer computing with other weights does not.
+    """
     bias = bias_of(module)
     if any(t.is_meta for t in (w, x, out)) or (bias is not None and bias.is_meta):
         return None
     with torch.no_grad():
-        expected = torch.nn.functional.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+        dtype = compute_dtype(torch.promote_types(w.dtype, x.dtype))
+        x, w = x.to(dtype), w.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        expected = torch.nn.functional.linear(x, w, b)
         if expected.shape != out.shape:
             return False
-        return bool(torch.allclose(expected.float(), out.float(), rtol=1e-3, atol=1e-4))
+        scale = torch.nn.functional.linear(x.abs(), w.abs(), None if b is None else b.abs())
+        eps = max(torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0, 1e-3)
+        return bool(((out.to(dtype) - expected).abs() <= 4 * eps * scale + 1e-6).all())
 
 
 def not_linear_error(name: str, module: nn.Module) -> ValueError:

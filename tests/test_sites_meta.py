@@ -147,6 +147,13 @@ def test_layer_not_computing_its_weight_is_refused_and_skipped_on_meta():
     assert [s.name for s in find_sites(model, inputs=inputs)] == ["act"]  # no values: not checked
 
 
+def test_in_bf16_a_layer_not_computing_its_weight_is_still_refused():
+    inputs = {"x": torch.randn(1, 3, 4, dtype=torch.bfloat16)}
+    assert [s.name for s in find_sites(_Mlp().to(torch.bfloat16), inputs=inputs)] == ["act"]
+    with pytest.raises(ValueError, match=r"'fc1' \(_Doubled\) feeds an activation but does not compute"):
+        find_sites(_Mlp(_Doubled).to(torch.bfloat16), inputs=inputs)
+
+
 # ---- every weight read happens inside the layer's own call --------------------------------------
 
 _WATCHED = {}
