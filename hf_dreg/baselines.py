@@ -12,8 +12,10 @@ resumable JSONL. Nothing here reads a data set's evaluation (test) file:
 
 The steps axis costs one run: every cell trains to its longest ``eval_at`` step under
 ``lr_scheduler_type: constant_with_warmup`` and is evaluated (training and validation accuracy) at each
-``eval_at`` step. Under a constant schedule the model at step k is the model a k-step run ends with (the
-learning rate and the batch order do not depend on ``max_steps``), so each checkpoint is a point of the grid.
+``eval_at`` step. Under a constant schedule the step-k checkpoint is a k-step run in learning rate and batch
+order (neither depends on ``max_steps``), so each checkpoint is a point of the steps axis. Not bit for bit: every
+evaluation draws from torch's global generator (a DataLoader's base seed), so the dropout masks after it differ
+(BERT has dropout 0.1): equal in distribution, with the spread of another seed.
 
 :func:`choose` picks per data set, among all checkpoints: those within one binomial standard error of the
 best validation accuracy; of these, those at the plateau (training accuracy >= ``plateau_train_acc`` and no

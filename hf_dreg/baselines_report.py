@@ -76,16 +76,18 @@ def paper_costs(path: str = PAPER_RESULTS) -> dict:
     return out
 
 
-def estimate_factorial(chosen: dict, costs: dict, seeds=SEEDS, activations=ACTIVATIONS, regularizers=REGULARIZER_AXIS) -> dict:
+def estimate_factorial(chosen: dict, costs: dict, slowdown: dict | None = None, seeds=SEEDS, activations=ACTIVATIONS,
+                       regularizers=REGULARIZER_AXIS) -> dict:
     """Single-thread seconds of the factorial in the chosen regime, per data set and in all.
 
-    A plain run: the measured training seconds to the chosen step (one thread, on this shared machine) plus the
-    paper sweep's seconds outside training for that data set. A regularized run: its training seconds times the
+    A plain run: the measured training seconds to the chosen step (one thread, on this shared machine), divided by
+    the machine's ``slowdown`` for that data set when given (:func:`contention_factor`), plus the paper sweep's
+    seconds outside training for that data set. A regularized run: its training seconds times the
     paper sweep's ratio for that regularizer, plus 2/RATIO_INTERVAL (gradient-ratio logging) and, for auto
     strengths, 2/RECALIBRATE_STEPS (two extra backward passes per measurement, counted as steps)."""
     per_dataset = {}
     for name, choice in chosen.items():
-        train_s = choice["chosen"]["train_seconds"]
+        train_s = choice["chosen"]["train_seconds"] / (slowdown or {}).get(name, 1.0)
         cost = costs.get(name, {"overhead_s": 10.0, "ratio": {}})
         seconds = 0.0
         for _, basis, _, auto in regularizers:
@@ -204,10 +206,11 @@ def _header(chosen: dict, estimate: dict, factor: dict) -> str:
         f"# Size: {estimate['runs']} runs ({len(SEEDS)} seeds x {len(chosen)} data sets x {len(ACTIVATIONS)} activations x"
         f" {len(REGULARIZER_AXIS)} regularizers).",
         f"# Estimated cost: {estimate['total_single_thread_s'] / 3600:.1f} single-thread hours = {hours:.1f} hours on {CORES} cores"
-        f" ({per_run:.0f} s a run on average),",
-        "# from the training seconds measured in the selection (one thread, this shared 2-core machine while another sweep",
-        f"# ran: {slow:.1f}x slower than the paper sweep's runs of the same model, median over data sets) times the paper",
-        "# sweep's cost ratio of each regularizer to none, plus its per-run seconds outside training.",
+        f" ({per_run:.0f} s a run on average): the training seconds measured in the selection",
+        "# (one thread on this shared 2-core machine while another sweep ran, divided by that load's slowdown against the",
+        f"# paper sweep's runs of the same model at step 150: {slow:.1f}x, median over data sets) times the paper sweep's cost",
+        "# ratio of each regularizer to none, plus the paper sweep's per-run seconds outside training. Without the load",
+        f"# correction (an upper bound): {estimate['as_measured']['hours_on_cores']:.1f} hours on {CORES} cores.",
     ]
     if hours > BUDGET_HOURS:
         lines += [
@@ -233,7 +236,8 @@ def _reduced(estimate: dict) -> list[str]:
 # ---- the report -----------------------------------------------------------------------------------
 
 
-def report(config: SelectionConfig, records: list[dict], chosen: dict, logreg: dict | None, estimate: dict, factor: dict) -> str:
+def report(config: SelectionConfig, records: list[dict], chosen: dict, logreg: dict | None, estimate: dict, factor: dict,
+           replicates: list[dict] = ()) -> str:
     n_val = records[0]["data"]["validation_examples"] if records else 0
     lines = [
         "# Competent plain baselines (issue 13, part 1)",
@@ -246,7 +250,9 @@ def report(config: SelectionConfig, records: list[dict], chosen: dict, logreg: d
         f"{n_val} examples carved, stratified by class, from the *other* examples of the data set's training file. The",
         "test file is never read by the selection. Batch 32, AdamW, constant learning rate after 15 warm-up steps;",
         "each run is evaluated (training and validation accuracy) at every step of `eval_at`, and the step-k",
-        "checkpoint is a point of the steps axis (under a constant schedule a k-step run ends there).",
+        "checkpoint is a point of the steps axis (under a constant schedule a k-step run ends there, up to dropout",
+        "masks: each evaluation draws from torch's global generator, so later steps see other masks than a run without",
+        "it; see the replicates below for what that spread is).",
         "**One seed (0)** for the selection: the choice is made on one run per setting, not averaged over seeds.",
         "",
         "**Choice.** Among all checkpoints of a data set: those within one binomial standard error (SE) of the best",
@@ -279,9 +285,36 @@ def report(config: SelectionConfig, records: list[dict], chosen: dict, logreg: d
                 f"| {r['axes']['dataset']} | {r['axes']['setting']} | {p['step']} | {train} | {_pct(p['val_accuracy'])} | "
                 f"{_pct(p.get('gap'))} | {_pct(p['val_macro_f1'])} | {p['train_seconds']} |"
             )
-    lines += ["", f"Runs: {len(records)}; wall seconds of all runs (loading and evaluations included): "
-              f"{sum(r['wall_time_s'] for r in records):.0f}.", ""]  # fmt: skip
+    if replicates:
+        lines += _replicate_section(records, replicates)
+    every = list(records) + list(replicates)
+    lines += ["", f"Runs: {len(every)} ({len(replicates)} replicates); wall seconds of all runs (loading and evaluations "
+              f"included): {sum(r['wall_time_s'] for r in every):.0f}.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _replicate_section(records: list[dict], replicates: list[dict]) -> list[str]:
+    """Second runs of a cell (same seed, other evaluation steps, hence other dropout masks): the run-to-run spread."""
+    main = {r["cell"]: r for r in records}
+    lines = [
+        "",
+        "## Replicates (not chosen from)",
+        "",
+        "Cells run twice: an earlier process with the first grid (`eval_at` up to 1000 for text) kept running beside the",
+        "restarted one for about ten minutes, so these ran with two of our processes on the machine (their seconds are",
+        "inflated). Same seed, same data, same schedule; the evaluations at other steps shift torch's generator, so the",
+        "dropout masks differ: the differences below are the run-to-run spread of one setting.",
+        "",
+        "| data set | setting | step | val acc (used run) | val acc (replicate) | difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rep in replicates:
+        used = {p["step"]: p for p in main[rep["cell"]]["curve"]}
+        for p in rep["curve"]:
+            if p["step"] in used:
+                a, b = used[p["step"]]["val_accuracy"], p["val_accuracy"]
+                lines.append(f"| {rep['axes']['dataset']} | {rep['axes']['setting']} | {p['step']} | {_pct(a)} | {_pct(b)} | {100 * (b - a):+.1f} |")
+    return lines
 
 
 def _logreg_section(chosen: dict, logreg: dict) -> list[str]:
@@ -310,14 +343,16 @@ def _cost_section(estimate: dict, factor: dict) -> list[str]:
         "## Cost of the factorial in this regime (`configs/sweep_competent.yaml`)",
         "",
         f"{estimate['runs']} runs; estimated {estimate['total_single_thread_s'] / 3600:.1f} single-thread hours, "
-        f"{estimate['hours_on_cores']:.1f} hours on {CORES} cores (method in the config's header).",
+        f"{estimate['hours_on_cores']:.1f} hours on {CORES} cores (method in the config's header); as measured, without",
+        f"the correction for the machine's load, {estimate['as_measured']['hours_on_cores']:.1f} hours (an upper bound).",
         "",
-        "| data set | single-thread hours | slowdown of this machine vs the paper sweep (step 150, h64-l2) |",
-        "|---|---|---|",
+        "| data set | single-thread hours | as measured | slowdown of this machine vs the paper sweep (step 150, h64-l2) |",
+        "|---|---|---|---|",
     ]
     for name, seconds in estimate["per_dataset_s"].items():
         f = factor.get(name)
-        lines.append(f"| {name} | {seconds / 3600:.2f} | {f'{f:.2f}x' if f else '-'} |")
+        raw = estimate["as_measured"]["per_dataset_s"][name]
+        lines.append(f"| {name} | {seconds / 3600:.2f} | {raw / 3600:.2f} | {f'{f:.2f}x' if f else '-'} |")
     lines += ["", "Proposed reductions if the full design does not fit:", ""] + [f"- {line}" for line in _reduced(estimate)]
     return lines
 
@@ -350,22 +385,39 @@ def logreg_references(config: SelectionConfig, C: float = 0.1) -> Path:
     return path
 
 
+def split_replicates(config: SelectionConfig, records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """One record per cell for the choice (the one run with the config's current flags, else the first) and the rest
+    (further runs of a cell, e.g. under an earlier ``eval_at``): those are reported as replicates, not chosen from."""
+    current = {c.id: c.flags for c in config.cells()}
+    by_cell: dict[str, list] = {}
+    for r in records:
+        by_cell.setdefault(r["cell"], []).append(r)
+    used, replicates = [], []
+    for cell, runs in by_cell.items():
+        main = next((r for r in runs if r["config"] == current.get(cell)), runs[0])
+        used.append(main)
+        replicates += [r for r in runs if r is not main]
+    return used, replicates
+
+
 def write_outputs(config: SelectionConfig) -> list[Path]:
     records = read_results(config.results)
     if not records:
         raise ValueError(f"No selection results in {config.results}.")
+    records, replicates = split_replicates(config, records)
     chosen = choose_all(records)
     order = [d["name"] for d in config.datasets if d["name"] in chosen]
     chosen = {name: chosen[name] for name in order}
     records = sorted(records, key=lambda r: (order.index(r["axes"]["dataset"]), r["axes"]["setting"]))
     costs = paper_costs()
     factor = contention_factor(records, costs)
-    estimate = estimate_factorial(chosen, costs)
+    estimate = estimate_factorial(chosen, costs, slowdown=factor)
+    estimate["as_measured"] = estimate_factorial(chosen, costs)  # no correction for the load: an upper bound
     logreg_path = Path(config.results).parent / LOGREG_FILE
     logreg = json.loads(logreg_path.read_text()) if logreg_path.is_file() else None
     written = []
     if config.report:
-        Path(config.report).write_text(report(config, records, chosen, logreg, estimate, factor), encoding="utf-8")
+        Path(config.report).write_text(report(config, records, chosen, logreg, estimate, factor, replicates), encoding="utf-8")
         written.append(Path(config.report))
     if config.competent_config:
         Path(config.competent_config).write_text(competent_config(config, chosen, estimate, factor), encoding="utf-8")
