@@ -1,29 +1,49 @@
-"""What each regularizer of the study costs in a training step, against plain training, in one process.
+"""What each regularizer costs in a training step, against plain training, in one process.
 
-    python benchmarks/overhead.py                       # MiniLM-L6 and BERT-base shapes, every regularizer
-    python benchmarks/overhead.py --shapes minilm --regularizers dreg --steps 40 --output overhead.json
+    python benchmarks/overhead.py --output results/cost/overhead.json   # the README's table (CPU, about 15 min)
+    python benchmarks/overhead.py --shapes minilm --regularizers dreg --steps 40
+    python benchmarks/overhead.py --shapes gemma2-lora:1x1024            # a shape at another batch x length
+    python benchmarks/cost_table.py results/cost/overhead.json          # the Markdown table from the JSON
+    bash benchmarks/gpu_cost.sh                                         # the same on a GPU, bf16
 
-A training step is forward + backward + AdamW step of BertForSequenceClassification (random init,
-float32, dropout on, the default attention implementation). Every regularizer gets its own copy of
-the plain model (identical weights) and is built exactly as ``DREGTrainer`` builds it
-(``build_regularizer`` with ``DREGTrainingArguments(regularizer=..., reg_lambda=...)``), so its cost
-includes what it does to the model: igpen and jacobian switch attention to eager, which has a double
-backward. The loss is ``task_loss + reg_lambda * penalty``; weight decay is AdamW's decoupled decay on
-the matrix weights, as in the Trainer. ``none`` is a second plain model: its ratio is the noise floor.
+Shapes (random init from a config, nothing downloaded):
+- ``minilm``, ``base``, ``tiny``: BertForSequenceClassification (MiniLM-L6: 6 x 384, MLP 1536; BERT-base:
+  12 x 768, MLP 3072), full fine-tuning; plain GELU sites.
+- ``gemma2``, ``gemma2-lora``, ``gemma2-lora-2k``: Gemma2ForCausalLM with Gemma-2-2B's layer shape scaled
+  down (4 layers x 512, GeGLU MLP 2048, 8 heads of 64, 4 KV heads; gated sites, tanh GELU), eager
+  attention as Gemma-2 trains; full fine-tuning or LoRA r = 8 (alpha 16, no dropout) on q/v/gate/up/down.
+  The vocabulary is 16,384 so that the LM head's share of the step's matrix products (about 30 %) is
+  Gemma-2-2B's (its 256k x 2304 head against 26 layers); a 256k head on 4 layers would dwarf the MLPs.
+- ``gemma2-2b-lora``: Gemma-2-2B's full shape (26 x 2304, MLP 9216, vocabulary 256k) with LoRA: for a
+  GPU (``benchmarks/gpu_cost.sh``).
+- ``gemma2-tiny``, ``gemma2-tiny-lora``: 2 x 64, for the tests.
 
-Timing: every round runs one step of each model, in an order rotated from round to round (so no
-model always runs first or after the same neighbour); a model's time ratio is the median over the
-rounds of its step / the plain step of the same round, which cancels slow drifts of a shared
-machine's load. On a loaded machine single steps vary by tens of percent: use many rounds (--steps)
-before reading a difference of a few percent, and compare with the ``none`` row.
+A training step is forward + backward + AdamW step (dropout on). Every regularizer gets its own copy of
+the plain model (identical weights, and identical LoRA weights) and is built exactly as the trainers build
+it (``build_regularizer`` with ``DREGTrainingArguments(regularizer=..., reg_lambda=...)``, then
+``activate``: DREG's hooks, with the fused kernels), so its cost includes what it does to the model:
+igpen and jacobian switch attention to eager, which has a double backward. The loss is
+``task_loss + reg_lambda * penalty``; weight decay is AdamW's decoupled decay on the matrix weights, as
+in the Trainer. ``none`` is a second plain model: its ratio is the noise floor.
+
+Timing: every round runs one step of each model, in an order rotated from round to round (so no model
+always runs first or after the same neighbour); a model's time ratio is the median over the rounds of
+its step / the plain step of the same round, which cancels slow drifts of a shared machine's load. The
+1-minute load average is recorded before and after each shape: on a loaded machine single steps vary
+by tens of percent, so use many rounds before reading a difference of a few percent, and compare with
+the ``none`` row.
 
 Memory, for one step of each model:
 - saved for backward: the unique storages autograd keeps from the start of the forward to the final
   backward (torch.autograd.graph.saved_tensors_hooks; for igpen and jacobian this includes the graph
   of their first backward), parameters excluded;
-- peak memory, step: the highest level of CPU memory allocated during the whole step above the
-  level before it (torch.profiler allocation events): activations, gradients and temporaries;
-- peak memory, total: the same plus what is held between steps (parameters, AdamW state).
+- peak allocated, step: the highest level of memory allocated during the whole step above the level
+  before it (CPU: torch.profiler allocation events; CUDA: torch.cuda.max_memory_allocated):
+  activations, gradients, optimizer temporaries;
+- peak RSS, step (CPU): a fresh subprocess per shape builds each model in turn (alone), runs one
+  warm-up step (compilation, AdamW state), resets the kernel's high-water mark (/proc/self/clear_refs)
+  and runs one step: VmHWM minus the resident memory before it, with glibc's mmap threshold fixed so
+  that freed tensors leave the resident set. What the operating system sees, allocator included.
 """
 
 from __future__ import annotations
@@ -32,34 +52,129 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cost_table
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
 from hf_dreg import penalty as _penalty  # noqa: E402
 from hf_dreg.args import REGULARIZERS  # noqa: E402
 from hf_dreg.regularizers import StepInfo, build_regularizer  # noqa: E402
 
-SHAPES = {
-    "minilm": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
-    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256),
-}
-# batch x sequence length per shape when --batch/--seq are not given: BERT-base gets fewer tokens so
-# that a round of every regularizer stays near a minute on one CPU thread
-DEFAULT_BATCH_SEQ = {"minilm": (16, 128), "base": (8, 64), "tiny": (8, 32)}
-# timed rounds per shape when --steps is not given: several minutes on one thread
-DEFAULT_STEPS = {"minilm": 12, "base": 6, "tiny": 6}
-DEFAULT_WARMUP = {"minilm": 2, "base": 1, "tiny": 1}
 PLAIN = "plain"
+LORA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = tuple(REGULARIZERS)
+DREG_ONLY = ("none", "dreg")
+
+_GEMMA2_SMALL = dict(
+    vocab_size=16384, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64,
+)
+_GEMMA2_2B = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+)
+_GEMMA2_TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    label: str
+    family: str  # "bert" or "gemma2"
+    config: dict
+    batch: int
+    seq: int
+    steps: int  # timed rounds
+    warmup: int
+    regularizers: tuple = ALL
+    lora: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+SHAPES = {
+    "minilm": Shape("MiniLM-L6", "bert", dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536), 16, 128, 8, 1),
+    "base": Shape("BERT-base", "bert", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072), 8, 64, 6, 1, DREG_ONLY),
+    "tiny": Shape("tiny BERT", "bert", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256), 8, 32, 6, 1),
+    "gemma2": Shape("Gemma-2 4 x 512, full", "gemma2", _GEMMA2_SMALL, 2, 512, 8, 1, DREG_ONLY),
+    "gemma2-lora": Shape("Gemma-2 4 x 512, LoRA r=8", "gemma2", _GEMMA2_SMALL, 2, 512, 8, 1, DREG_ONLY, lora=True),
+    "gemma2-lora-2k": Shape("Gemma-2 4 x 512, LoRA r=8", "gemma2", _GEMMA2_SMALL, 1, 2048, 4, 1, DREG_ONLY, lora=True),
+    "gemma2-2b-lora": Shape("Gemma-2-2B, LoRA r=8", "gemma2", _GEMMA2_2B, 1, 2048, 20, 3, DREG_ONLY, lora=True),
+    "gemma2-tiny": Shape("tiny Gemma-2, full", "gemma2", _GEMMA2_TINY, 2, 16, 2, 1, DREG_ONLY),
+    "gemma2-tiny-lora": Shape("tiny Gemma-2, LoRA r=8", "gemma2", _GEMMA2_TINY, 2, 16, 2, 1, DREG_ONLY, lora=True),
+}
+DEFAULT_SHAPES = "minilm,gemma2,gemma2-lora,gemma2-lora-2k"
+
+
+def parse_shape(text: str, parser=None) -> tuple[str, Shape]:
+    """``name`` or ``name:BxS`` (another batch x sequence length for that shape)."""
+    name, _, size = text.partition(":")
+    if name not in SHAPES:
+        message = f"unknown shape {name!r}; choose from {list(SHAPES)}"
+        if parser is None:
+            raise ValueError(message)
+        parser.error(message)
+    shape = SHAPES[name]
+    if size:
+        match = re.fullmatch(r"(\d+)x(\d+)", size)
+        if match is None:
+            message = f"shape size {size!r}: write BATCHxSEQ, e.g. {name}:2x1024"
+            if parser is None:
+                raise ValueError(message)
+            parser.error(message)
+        shape = replace(shape, batch=int(match.group(1)), seq=int(match.group(2)))
+    return name, shape
+
+
+# ---- the models ------------------------------------------------------------------------------------
+
+
+def build_model(shape: Shape, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # Gemma-2-2B: initialised where it runs, not on the host first
+        if shape.family == "bert":
+            model = tf.BertForSequenceClassification(tf.BertConfig(**shape.config, num_labels=2))
+        else:
+            config = tf.Gemma2Config(**shape.config, hidden_activation="gelu_pytorch_tanh")
+            config._attn_implementation = "eager"
+            model = tf.Gemma2ForCausalLM(config)
+    model = model.to(dtype=dtype).train()
+    if shape.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed + 1)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+        model.train()
+    return model
+
+
+def make_batch(shape: Shape, model, device: str = "cpu", seed: int = 0) -> dict:
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (shape.batch, shape.seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(shape.batch, shape.seq, dtype=torch.long)}
+    if shape.family == "bert":
+        batch["labels"] = torch.randint(0, 2, (shape.batch,), generator=g)
+    else:
+        batch["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 class Contender:
@@ -67,10 +182,12 @@ class Contender:
 
     def __init__(self, name: str, model, regularizer, strength: float, weight_decay: float):
         self.name, self.model, self.regularizer, self.strength = name, model, regularizer, strength
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        rest = [p for p in model.parameters() if p.dim() < 2]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.dim() >= 2]
+        rest = [p for p in trainable if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=1e-5)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-5)
+        self.device = next(model.parameters()).device
 
     def loss(self, batch: dict) -> torch.Tensor:
         def task_loss(model, inputs):
@@ -86,41 +203,63 @@ class Contender:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss(batch).backward()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # seven BERT-base copies must not also hold seven gradients
+        self.optimizer.zero_grad(set_to_none=True)  # many model copies must not also hold their gradients
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def timed_step(self, batch: dict) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process, all threads) of one training step."""
+        self.sync()
         wall, cpu = time.perf_counter(), time.process_time()
         self.step(batch)
+        self.sync()
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def build(shape: str, regularizers: list[str], seed: int = 0) -> list[Contender]:
-    """The plain model and one copy per regularizer, all with identical weights."""
-    from transformers import BertConfig, BertForSequenceClassification
+def build_contender(name: str, model, tmp: str, seed: int = 0) -> Contender:
+    args = DREGTrainingArguments(
+        output_dir=tmp, regularizer="none" if name == PLAIN else name, use_cpu=True, report_to="none", seed=seed
+    )
+    regularizer = build_regularizer(model, args)
+    regularizer.activate(model)
+    return Contender(name, model, regularizer, args.reg_lambda, args.weight_decay)
 
-    config = BertConfig(**SHAPES[shape], num_labels=2)
-    torch.manual_seed(seed)
-    plain = BertForSequenceClassification(config).train()
+
+def cast_weights(model, dtype: torch.dtype) -> None:
+    """The model's weights to ``dtype``, LoRA adapters kept in float32 (PEFT's default on a bf16 base)."""
+    if dtype == torch.float32:
+        return
+    model.to(dtype)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+
+
+def build(shape: Shape, regularizers: list[str], seed: int = 0, dtype=torch.float32, device: str = "cpu") -> list[Contender]:
+    """The plain model and one copy per regularizer, all with identical weights.
+
+    The regularizers are built on the float32 model, then the weights are cast to ``dtype``: DREG's site
+    probe checks numerically that each feeding layer computes x @ W.T + b, with float32 tolerances that a
+    bf16 base under float32 LoRA adapters does not meet (hf_dreg.layers.computes_linear).
+    """
+    template = build_model(shape, seed, torch.float32, device)
+    names = [PLAIN, *regularizers]
+    # every model a copy, plain included: the original object, allocated among the build's temporaries,
+    # ran measurably slower than its copies (about 5 % for the LoRA model here)
+    models = [copy.deepcopy(template) for _ in names]
+    del template
     contenders = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [PLAIN, *regularizers]:
-            model = plain if name == PLAIN else copy.deepcopy(plain)
-            args = DREGTrainingArguments(
-                output_dir=tmp, regularizer="none" if name == PLAIN else name, use_cpu=True, report_to="none", seed=seed
-            )
-            regularizer = build_regularizer(model, args)
-            contenders.append(Contender(name, model, regularizer, args.reg_lambda, args.weight_decay))
+        for name, model in zip(names, models):
+            contender = build_contender(name, model, tmp, seed)
+            cast_weights(model, dtype)
+            contenders.append(contender)
     return contenders
 
 
-def make_batch(config, batch: int, seq: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "labels": torch.randint(0, config.num_labels, (batch,), generator=g),
-    }
+# ---- memory ----------------------------------------------------------------------------------------
 
 
 def saved_for_backward(contender: Contender, batch: dict) -> int:
@@ -143,10 +282,17 @@ def saved_for_backward(contender: Contender, batch: dict) -> int:
 
 
 def peak_allocated(contender: Contender, batch: dict) -> int:
-    """Peak CPU bytes allocated during one training step, above the level before it."""
+    """Peak bytes allocated during one training step, above the level before it."""
+    contender.optimizer.zero_grad(set_to_none=True)
+    if contender.device.type == "cuda":
+        contender.sync()
+        torch.cuda.reset_peak_memory_stats(contender.device)
+        before = torch.cuda.memory_allocated(contender.device)
+        contender.step(batch)
+        contender.sync()
+        return torch.cuda.max_memory_allocated(contender.device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    contender.optimizer.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         contender.step(batch)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -165,21 +311,107 @@ def state_bytes(contender: Contender) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def rss_probe(shape: Shape, names: list[str], seed: int = 0) -> dict:
+    """In this (fresh) process, one model after the other: the resident-set peak of one step, in kB.
+
+    Each model is built, warmed up (compilation, AdamW state) and measured alone, then freed; with
+    glibc's mmap threshold fixed (see rss_in_subprocess) freed tensors leave the resident set, so each
+    step's peak is measured against the resident set just before it.
+    """
+    out = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            contender = build_contender(name, build_model(shape, seed), tmp, seed)
+        batch = make_batch(shape, contender.model)
+        contender.step(batch)  # warm-up: compilation, AdamW state
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kb("VmRSS")
+        contender.step(batch)
+        peak = _status_kb("VmHWM")
+        out[name] = {"rss_before_kb": before, "rss_peak_kb": peak, "rss_step_kb": peak - before}
+        contender.regularizer.deactivate()
+        del contender, batch
+        gc.collect()
+    return out
+
+
+def rss_in_subprocess(shape_text: str, names: list[str], threads: int, seed: int = 0) -> dict:
+    """rss_probe in a fresh interpreter, apart from the timed models; {} where /proc cannot reset the peak."""
+    if not Path("/proc/self/clear_refs").exists():
+        return {}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "131072",  # fixed: large tensors are mmapped and unmapped when freed
+        "MALLOC_TRIM_THRESHOLD_": "131072",
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+    }
+    probe = f"{shape_text}={','.join(names)}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-probe", probe, "--threads", str(threads)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        print(f"rss probe {probe} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the system (glibc), between steps: a 2k-token step frees GBs in
+    pieces that glibc would otherwise keep, and three models' worth of fragments exhausted 23 GB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def bootstrap_median_interval(ratios: list[float], draws: int = 2000, seed: int = 0) -> list[float]:
+    """A 90 % percentile-bootstrap interval of the median of the per-round ratios."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return [medians[int(0.05 * draws)], medians[int(0.95 * draws) - 1]]
+
+
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"].get("unique_graphs", 0))
 
 
-def run_shape(shape: str, regularizers: list[str], steps: int, warmup: int, batch_size: int, seq: int) -> dict:
-    contenders = build(shape, regularizers)
-    batch = make_batch(contenders[0].model.config, batch_size, seq)
+# ---- one shape -------------------------------------------------------------------------------------
+
+
+def run_shape(
+    name: str,
+    shape: Shape,
+    regularizers: list[str],
+    steps: int,
+    warmup: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    rss: bool = True,
+    threads: int = 1,
+    shape_text: str | None = None,
+) -> dict:
+    load_before = os.getloadavg()
+    contenders = build(shape, regularizers, dtype=dtype, device=device)
+    batch = make_batch(shape, contenders[0].model, device)
     names = [c.name for c in contenders]
 
     graphs_before = compiled_graphs()
     for _ in range(warmup):  # includes the one-time compilation of DREG's fused kernels
         for c in contenders:
             c.step(batch)
+            release_free_memory()
     graphs_after_warmup = compiled_graphs()
 
     times = {n: [] for n in names}
@@ -190,82 +422,79 @@ def run_shape(shape: str, regularizers: list[str], steps: int, warmup: int, batc
             wall, cpu = c.timed_step(batch)
             times[c.name].append(wall)
             cpu_times[c.name].append(cpu)
+            release_free_memory()
     recompiled = compiled_graphs() - graphs_after_warmup
+    load_after = os.getloadavg()
 
     saved = {c.name: saved_for_backward(c, batch) for c in contenders}
     peak = {}
     for c in contenders:
         peak[c.name] = peak_allocated(c, batch)
-        gc.collect()  # the profiler's event lists of a BERT-base step are large
+        gc.collect()  # the profiler's event lists of a large step are large
+        release_free_memory()
     state = {c.name: state_bytes(c) for c in contenders}
+    strengths = {c.name: c.strength for c in contenders}
+    dreg = next((c for c in contenders if c.name == "dreg"), None)
+    sites = len(dreg.regularizer.handle.sites) if dreg else None
+    trainable = sum(p.numel() for p in contenders[0].model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in contenders[0].model.parameters())
+    del contenders, batch
+    gc.collect()
 
-    def pair_median(series: dict, name: str) -> float:
-        return statistics.median(r / p for p, r in zip(series[PLAIN], series[name]))
+    rss_kb = rss_in_subprocess(shape_text or name, names, threads) if rss and device == "cpu" else {}
+
+    def per_round(series: dict, n: str) -> list[float]:
+        return [r / p for p, r in zip(series[PLAIN], series[n])]
+
+    def pair_median(series: dict, n: str) -> float:
+        return statistics.median(per_round(series, n))
 
     rows = {}
-    for c in contenders[1:]:
-        n = c.name
-        rows[n] = {
-            "reg_lambda": c.strength,
+    for n in names[1:]:
+        row = {
             "time_ratio": pair_median(times, n),
+            "time_ratio_interval": bootstrap_median_interval(per_round(times, n)),
+            "time_ratio_of_minima": min(times[n]) / min(times[PLAIN]),
             "time_ratio_of_medians": statistics.median(times[n]) / statistics.median(times[PLAIN]),
             "cpu_ratio": pair_median(cpu_times, n),
             "saved_ratio": saved[n] / saved[PLAIN],
+            "reg_lambda": strengths[n],
             "peak_ratio": peak[n] / peak[PLAIN],
             "total_peak_ratio": (state[n] + peak[n]) / (state[PLAIN] + peak[PLAIN]),
         }
-    dreg = next((c for c in contenders if c.name == "dreg"), None)
+        if n in rss_kb and PLAIN in rss_kb:
+            row["rss_step_ratio"] = rss_kb[n]["rss_step_kb"] / rss_kb[PLAIN]["rss_step_kb"]
+            row["rss_peak_ratio"] = rss_kb[n]["rss_peak_kb"] / rss_kb[PLAIN]["rss_peak_kb"]
+        rows[n] = row
     return {
-        "shape": shape,
-        "config": SHAPES[shape],
-        "batch": batch_size,
-        "seq": seq,
+        "shape": name,
+        "label": shape.label,
+        "family": shape.family,
+        "lora": shape.lora,
+        "config": shape.config,
+        "batch": shape.batch,
+        "seq": shape.seq,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
         "steps": steps,
         "warmup": warmup,
-        "dreg_sites": len(dreg.regularizer.handle.sites) if dreg else None,
+        "dreg_sites": sites,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "load_before": list(load_before),
+        "load_after": list(load_after),
         "median_step_s": {n: statistics.median(t) for n, t in times.items()},
         "step_s": times,
         "cpu_s": cpu_times,
         "saved_bytes": saved,
         "peak_bytes": peak,
         "state_bytes": state,
+        "rss_kb": rss_kb,
         "regularizers": rows,
         "compiled_graphs_warmup": graphs_after_warmup - graphs_before,
         "recompiles_timed": recompiled,
         "fused": not _penalty._FUSION_FAILED,
     }
-
-
-def table(results: list[dict], threads: int) -> str:
-    lines = [
-        "Cost of each regularizer per training step (forward + backward + AdamW) against plain training, "
-        f"BertForSequenceClassification, CPU float32, {threads} thread(s), all models interleaved in one process",
-        "",
-        "| shape | batch x seq | regularizer | reg_lambda | plain s/step | time / plain | CPU time / plain "
-        "| saved for backward | peak memory, step | peak memory, total |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        plain_s = r["median_step_s"][PLAIN]
-        for name, row in r["regularizers"].items():
-            lines.append(
-                f"| {r['shape']} | {r['batch']} x {r['seq']} | {name} | {row['reg_lambda']:.3g} | {plain_s:.3f} "
-                f"| {row['time_ratio']:.3f}x | {row['cpu_ratio']:.3f}x | {row['saved_ratio']:.3f}x "
-                f"| {row['peak_ratio']:.3f}x | {row['total_peak_ratio']:.3f}x |"
-            )
-    lines += [
-        "",
-        "time: median over the rounds of the regularizer's step / the plain step of the same round (wall clock); "
-        "CPU time: the same with the process's CPU time; none: a second plain model (the noise floor). "
-        "saved for backward: unique storages autograd keeps until the final backward (parameters excluded). "
-        "peak memory, step: highest allocation during a step above the level before it; total: with parameters "
-        "and AdamW state added.",
-    ]
-    if any(not r["fused"] for r in results):
-        lines.append("note: fused kernels unavailable: the DREG numbers are for eager math")
-    if any(r["recompiles_timed"] for r in results):
-        lines.append("note: torch.compile recompiled during the timed steps")
-    return "\n".join(lines)
 
 
 def _names(text: str, valid, what: str, parser) -> list[str]:
@@ -278,50 +507,82 @@ def _names(text: str, valid, what: str, parser) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="minilm,base", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, of {', '.join(SHAPES)} (name:BxS for another size)")
     parser.add_argument(
-        "--regularizers", default=",".join(REGULARIZERS), help=f"comma-separated, of {', '.join(REGULARIZERS)}"
+        "--regularizers", default="default",
+        help=f"comma-separated, of {', '.join(REGULARIZERS)}; 'default': every one for the BERT shapes but "
+        "BERT-base, none and dreg for the others",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed rounds per shape (default: per shape)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds per shape (default: per shape)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 16 (minilm), 8 (base), 8 (tiny)")
-    parser.add_argument("--seq", type=int, default=None, help="default: 128 (minilm), 64 (base), 32 (tiny)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights (bfloat16: pure bf16 training)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the fresh-subprocess peak RSS (CPU)")
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
+    parser.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)  # SHAPE=REGULARIZER, internal
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    shapes = _names(args.shapes, SHAPES, "shape(s)", parser)
-    regularizers = _names(args.regularizers, REGULARIZERS, "regularizer(s)", parser)
+    if args.rss_probe:
+        shape_text, _, names = args.rss_probe.partition("=")
+        print(json.dumps(rss_probe(parse_shape(shape_text, parser)[1], names.split(","))))
+        return []
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    dtype = getattr(torch, args.dtype)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    parsed = [(text, *parse_shape(text, parser)) for text in shapes]
+    custom = None if args.regularizers == "default" else _names(args.regularizers, REGULARIZERS, "regularizer(s)", parser)
+
+    from cost_table import table
 
     results = []
-    for shape in shapes:
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[shape]
-        warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[shape]
-        batch = args.batch or DEFAULT_BATCH_SEQ[shape][0]
-        seq = args.seq or DEFAULT_BATCH_SEQ[shape][1]
+    meta = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "dtype": args.dtype,
+        "threads": threads,
+        "command": " ".join(["python", "benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    started = time.time()
+    for text, name, shape in parsed:
+        regularizers = custom if custom is not None else list(shape.regularizers)
+        steps = args.steps if args.steps is not None else shape.steps
+        warmup = args.warmup if args.warmup is not None else shape.warmup
         print(
-            f"[{shape}] batch {batch} x seq {seq}: {warmup} warm-up + {steps} timed rounds of plain + "
-            f"{', '.join(regularizers)} ...",
+            f"[{text}] batch {shape.batch} x seq {shape.seq}: {warmup} warm-up + {steps} timed rounds of plain + "
+            f"{', '.join(regularizers)} (load {os.getloadavg()[0]:.2f}) ...",
             file=sys.stderr,
             flush=True,
         )
-        results.append(run_shape(shape, regularizers, steps, warmup, batch, seq))
-        print(table(results[-1:], threads), file=sys.stderr, flush=True)
+        results.append(
+            run_shape(name, shape, regularizers, steps, warmup, args.device, dtype, not args.no_rss, threads, text)
+        )
+        print(table({"meta": meta, "results": results[-1:]}), file=sys.stderr, flush=True)
         if args.output:  # after every shape, so a run stopped later keeps what it measured
-            meta = {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "threads": threads,
-                "regularizers": regularizers,
-            }
-            Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            meta["wall_s"] = round(time.time() - started, 1)
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
         gc.collect()
-    print(table(results, threads))
+    print(table({"meta": meta, "results": results}))
     return results
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""benchmarks/overhead.py runs end to end on a tiny shape and prints its table (no timing assertion)."""
+"""benchmarks/overhead.py, cost_table.py and gpu_cost.sh run end to end on tiny shapes (no timing assertion),
+and the README's cost table is the one cost_table.py makes from results/cost/overhead.json."""
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,31 +15,120 @@ ROOT = Path(__file__).resolve().parents[1]
 REGULARIZERS = ["none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg"]
 
 
+def _load(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_result(result, shape, regularizers, steps):
+    assert result["shape"] == shape and result["steps"] == steps
+    assert sorted(result["step_s"]) == sorted(["plain", *regularizers])
+    assert all(len(times) == steps for times in result["step_s"].values())
+    assert result["fused"] and result["recompiles_timed"] == 0
+    assert len(result["load_before"]) == 3 and len(result["load_after"]) == 3
+    rows = result["regularizers"]
+    assert list(rows) == regularizers
+    for row in rows.values():
+        assert all(row[k] > 0 for k in ("time_ratio", "cpu_ratio", "saved_ratio", "peak_ratio", "total_peak_ratio"))
+        low, high = row["time_ratio_interval"]
+        assert low <= row["time_ratio"] <= high
+    return rows
+
+
+def test_llm_shape_smoke_and_its_table(tmp_path):
+    """The fast check: tiny Gemma-2 with LoRA, dreg only, one round, in this process (no subprocess probe)."""
+    overhead, cost_table = _load("overhead"), _load("cost_table")
+    output = tmp_path / "overhead.json"
+    overhead.main(["--shapes", "gemma2-tiny-lora:2x8", "--regularizers", "none,dreg", "--steps", "1", "--warmup", "1",
+                   "--no-rss", "--output", str(output)])
+    data = json.loads(output.read_text())
+    (result,) = data["results"]
+    rows = _check_result(result, "gemma2-tiny-lora", ["none", "dreg"], 1)
+    assert (result["batch"], result["seq"], result["lora"], result["dreg_sites"]) == (2, 8, True, 2)
+    assert 0 < result["trainable_parameters"] < result["parameters"]
+    assert rows["none"]["saved_ratio"] == 1.0  # a second plain model keeps exactly what plain keeps
+    assert "rss_step_ratio" not in rows["dreg"] and result["rss_kb"] == {}
+    text = cost_table.main([str(output)])
+    lines = text.splitlines()
+    assert lines[0].startswith("| shape (batch x seq, rounds) | regularizer | time / plain |")
+    assert lines[2].startswith("| tiny Gemma-2, LoRA r=8 (2 x 8, 1 rounds) | none (noise floor) | ")
+    assert lines[3].startswith("| | **dreg** | **") and lines[3].endswith("| - |")  # no RSS measured
+    assert re.search(r"\| \*\*\d\.\d\d-\d\.\d\d\*\* \|", lines[3])  # the interval of the median
+    assert any(line.startswith("- tiny Gemma-2, LoRA r=8 (2 x 8): load ") and "2 DREG sites" in line for line in lines)
+
+
+def test_shapes_and_sizes_are_parsed():
+    overhead = _load("overhead")
+    name, shape = overhead.parse_shape("gemma2-lora:1x1024")
+    assert name == "gemma2-lora" and (shape.batch, shape.seq, shape.lora) == (1, 1024, True)
+    assert overhead.parse_shape("minilm")[1].batch == 16
+    with pytest.raises(ValueError, match="unknown shape"):
+        overhead.parse_shape("gemma3")
+    with pytest.raises(ValueError, match="BATCHxSEQ"):
+        overhead.parse_shape("minilm:16")
+    # the Gemma-2 shapes are Gemma-2-2B's layer, scaled: GeGLU, 8 heads, 4 KV heads; the 2B one is the real size
+    small, big = overhead.SHAPES["gemma2"].config, overhead.SHAPES["gemma2-2b-lora"].config
+    assert (small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]) == (512, 2048, 4)
+    assert (big["hidden_size"], big["intermediate_size"], big["num_hidden_layers"], big["vocab_size"]) == (2304, 9216, 26, 256000)
+
+
+def test_readme_cost_table_is_the_one_made_from_the_results():
+    cost_table = _load("cost_table")
+    sources = [ROOT / "results" / "cost" / "overhead.json"]
+    expected = cost_table.table(cost_table.merge(sources))
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Cost\n", 1)[1].split("\n## ", 1)[0]
+    table_lines = [line for line in expected.splitlines() if line.startswith("|")]
+    assert "\n".join(table_lines) in section, "regenerate with: python benchmarks/cost_table.py results/cost/overhead.json"
+
+
+def test_gpu_cost_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    """benchmarks/gpu_cost.sh, with its device and shapes overridden: bf16 weights on the CPU, JSON and table."""
+    env = {**os.environ, "OUT": str(tmp_path), "DREG_COST_DEVICE": "cpu", "DREG_COST_SHAPES": "gemma2-tiny-lora:2x8",
+           "DREG_COST_STEPS": "1", "DREG_COST_WARMUP": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_cost.sh"), "--no-rss"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    data = json.loads((tmp_path / "gpu_cost.json").read_text())
+    assert data["meta"]["dtype"] == "bfloat16" and data["meta"]["device"] == "cpu"
+    (result,) = data["results"]
+    _check_result(result, "gemma2-tiny-lora", ["none", "dreg"], 1)
+    assert result["dtype"] == "bfloat16"
+    table = (tmp_path / "gpu_cost.md").read_text()
+    assert "| | **dreg** |" in table and "Measured on cpu, bfloat16" in table
+    assert (tmp_path / "gpu_cost.log").exists()
+
+
 @pytest.mark.slow
 def test_overhead_benchmark_prints_a_row_per_regularizer(tmp_path):
     output = tmp_path / "overhead.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--shapes", "tiny", "--steps", "2",
-           "--warmup", "1", "--batch", "4", "--seq", "16", "--threads", "1", "--output", str(output)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--shapes", "tiny:4x16,gemma2-tiny", "--steps", "2",
+           "--warmup", "1", "--threads", "1", "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert any(line.startswith("| shape |") for line in lines), done.stdout
-    rows = [line for line in lines if line.startswith("| tiny |")]
-    assert [row.split("|")[3].strip() for row in rows] == REGULARIZERS
-    assert all(row.count("x |") == 5 for row in rows)  # time, CPU time, saved, peak step and total ratios
+    assert any(line.startswith("| shape (batch x seq, rounds) |") for line in lines), done.stdout
+    rows = [line for line in lines if line.startswith("| ") and " | " in line and not line.startswith("| shape") and "---" not in line]
+    names = [re.sub(r"\*|\(.*\)", "", row.split("|")[2]).strip() for row in rows]
+    assert names == REGULARIZERS + ["none", "dreg"]  # by default every regularizer on BERT, none and dreg on LLMs
+    assert all(row.count("x |") + row.count("x** |") == 5 for row in rows)  # time, CPU, saved, peak, peak RSS
+    assert all(re.search(r"\| (\*\*)?\d\.\d\d-\d\.\d\d(\*\*)? \|", row) for row in rows)  # time's interval
 
     results = json.loads(output.read_text())
-    (result,) = results["results"]
-    assert result["shape"] == "tiny" and result["steps"] == 2 and result["dreg_sites"] == 2
-    assert (result["batch"], result["seq"]) == (4, 16)
-    assert sorted(result["step_s"]) == sorted(["plain", *REGULARIZERS])
-    assert all(len(times) == 2 for times in result["step_s"].values())
-    assert result["fused"] and result["recompiles_timed"] == 0
-    rows = result["regularizers"]
-    assert rows["none"]["saved_ratio"] == 1.0  # a second plain model keeps exactly what plain keeps
+    tiny, gemma = results["results"]
+    rows = _check_result(tiny, "tiny", REGULARIZERS, 2)
+    assert (tiny["batch"], tiny["seq"], tiny["dreg_sites"]) == (4, 16, 2)
+    assert rows["none"]["saved_ratio"] == 1.0
     assert rows["igpen"]["saved_ratio"] > 1.0 and rows["jacobian"]["saved_ratio"] > 1.0  # double backward's graph
     assert rows["dreg"]["reg_lambda"] == pytest.approx(10**-2.5)
+    assert set(tiny["rss_kb"]) == {"plain", *REGULARIZERS}
+    assert all(v["rss_step_kb"] > 0 for v in tiny["rss_kb"].values())
+    _check_result(gemma, "gemma2-tiny", ["none", "dreg"], 2)
     assert results["meta"]["threads"] == 1
 
 
