@@ -200,6 +200,8 @@ def run_classification(
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
     metrics.update(trainer.evaluate())
+    # the training examples themselves (clean, with the labels trained on): training accuracy, for the gap
+    metrics.update(trainer.evaluate(features["train"], metric_key_prefix="eval_train"))
     if data_args.eval_noise > 0:
         if images:
             noisy = _image_features(splits["validation"], data_args, processor, data_args.eval_noise, seed)

@@ -24,6 +24,8 @@ def load_frame(path: str | Path) -> pd.DataFrame:
         row["accuracy"] = metrics.get("eval_accuracy")
         row["macro_f1"] = metrics.get("eval_macro_f1")
         row["noisy_accuracy"] = metrics.get("eval_noisy_accuracy")
+        row["train_accuracy"] = metrics.get("eval_train_accuracy")  # on the training examples, their labels
+        row["gap"] = None if row["train_accuracy"] is None or row["accuracy"] is None else row["train_accuracy"] - row["accuracy"]
         row["modality"] = _modality(record)
         row["wall_time_s"] = record.get("wall_time_s")
         row["per_site_dreg"] = record.get("per_site_dreg", {})
@@ -55,7 +57,8 @@ def summary_table(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -
 
 
 _NOT_AXES = (
-    "accuracy", "macro_f1", "noisy_accuracy", "wall_time_s", "per_site_dreg", "cell", "modality", "grad_ratios", "reg_lambda"
+    "accuracy", "macro_f1", "noisy_accuracy", "train_accuracy", "gap", "wall_time_s", "per_site_dreg", "cell", "modality",
+    "grad_ratios", "reg_lambda",
 )
 
 
@@ -377,6 +380,12 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         raise ValueError(f"{results} holds no finished run yet.")
     sections = [f"# {title}", "", f"Runs: {len(frame)} finished (from `{results}`).", ""]
     sections += ["## Accuracy by regularizer", "", _md(summary_table(frame, ["regularizer"])), ""]
+    if frame["train_accuracy"].notna().any():
+        fit = pd.DataFrame({
+            "training accuracy (%)": summary_table(frame, ["regularizer"], "train_accuracy")["mean ± std (%)"],
+            "gap: training - evaluation (points)": summary_table(frame, ["regularizer"], "gap")["mean ± std (%)"],
+        })
+        sections += ["## Fit: training accuracy and the generalisation gap", "", _md(fit), ""]
     for axis, label in (("hidden_act", "activation"), ("dataset", "dataset"), ("samples_per_class", "training size (per class)")):
         if axis in frame and frame[axis].nunique() > 1:
             table = summary_table(frame, [axis, "regularizer"])["mean ± std (%)"].unstack("regularizer")

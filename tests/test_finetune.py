@@ -47,6 +47,12 @@ def test_text_end_to_end_with_label_and_eval_noise(shared_data, tmp_path):
     saved = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert saved["data_label_noise"] == 0.5 and saved["data_labels_flipped"] == results["data"]["labels_flipped"]
     assert "eval_noisy_accuracy" in saved
+    # training accuracy: the trained model on the 18 training texts, scored against the (noisy) labels it trained on
+    train = tok(list(splits["train"]["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**train).logits.argmax(-1)
+    expected_train = (predicted == torch.tensor(splits["train"]["label"])).double().mean().item()
+    assert metrics["eval_train_accuracy"] == pytest.approx(expected_train)
 
 
 def test_label_noise_touches_the_training_split_only(shared_data):

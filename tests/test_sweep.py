@@ -103,7 +103,8 @@ def test_report_tests_dreg_within_each_activation_and_modality(tmp_path):
                         "cell": f"seed={seed}|dataset={dataset}|hidden_act={act}|regularizer={reg}",
                         "axes": {"seed": str(seed), "dataset": dataset, "hidden_act": act, "regularizer": reg},
                         "config": {"model_type": model_type},
-                        "metrics": {"eval_accuracy": 0.6 + 0.01 * seed + gain, "eval_noisy_accuracy": 0.5 + gain},
+                        "metrics": {"eval_accuracy": 0.6 + 0.01 * seed + gain, "eval_noisy_accuracy": 0.5 + gain,
+                                    "eval_train_accuracy": 0.95 if reg == "none" else 0.9},
                     })
     frame = load_frame(path)
     assert sorted(frame["modality"].unique()) == ["image", "text"]
@@ -114,6 +115,9 @@ def test_report_tests_dreg_within_each_activation_and_modality(tmp_path):
     text = write_report(path, tmp_path / "report").read_text()
     assert "## By activation" in text and "## By modality" in text and "Mean ranks, noisy inputs:" in text
     assert "## By activation and modality" in text and "| gelu / image |" in text
+    fit = text.split("## Fit: training accuracy and the generalisation gap", 1)[1].split("## ", 1)[0]
+    none_row = next(line for line in fit.splitlines() if line.startswith("| none"))
+    assert "| 95.0 ± 0.0 " in none_row and "| 32.5 ± " in none_row  # gap: 0.95 - mean(0.60..0.65)
 
 
 def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
