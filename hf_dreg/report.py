@@ -267,6 +267,61 @@ def _plot_accuracy_vs_strength(frame, folder: Path, order: list[str], baseline: 
     return _save(fig, folder, "accuracy_vs_strength.png")
 
 
+def ratio_points(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
+    """One row per run with a measured gradient ratio: its level, median ratio and ``value`` minus plain's.
+
+    The level is the regularizer (with its strength when the grid has a strength axis); plain is the run of
+    regularizer ``none`` (or strength ``0``) in the same cell, i.e. with every other axis equal. The ratio
+    is ||grad lambda*R|| / ||grad task||, the median of the run's measurements.
+    """
+    if "grad_ratios" not in frame or value not in frame:
+        return pd.DataFrame()
+    level_axes = [a for a in ("regularizer", "strength") if a in frame and frame[a].nunique() > 1]
+    if not level_axes:
+        return pd.DataFrame()
+    others = [c for c in pair_axes(frame) if c not in ("regularizer", "strength")]
+    is_plain = pd.Series(False, index=frame.index)
+    if "regularizer" in level_axes:
+        is_plain |= frame["regularizer"].astype(str) == "none"
+    if "strength" in level_axes:
+        is_plain |= frame["strength"].astype(str) == "0"
+    plain = frame[is_plain].drop_duplicates(subset=others).set_index(others)[value] if others else None
+    rows = []
+    for _, run in frame[~is_plain].iterrows():
+        ratios = [r[1] for r in run["grad_ratios"] if r and r[1] is not None and r[1] > 0]
+        if not ratios or pd.isna(run[value]):
+            continue
+        key = tuple(run[c] for c in others)
+        key = key[0] if len(key) == 1 else key
+        if plain is None or key not in plain.index:
+            continue
+        level = " ".join(str(run[a]) for a in level_axes)
+        rows.append({"level": level, "regularizer": run.get("regularizer"), "ratio": float(np.median(ratios)),
+                     "difference": 100 * (run[value] - plain.loc[key])})
+    return pd.DataFrame(rows)
+
+
+def _plot_accuracy_vs_ratio(frame: pd.DataFrame, folder: Path) -> str | None:
+    """Accuracy minus plain's (same cell) against the run's median gradient ratio, one colour per regularizer."""
+    values = [("accuracy", "clean")] + ([("noisy_accuracy", "noisy inputs")] if frame["noisy_accuracy"].notna().any() else [])
+    panels = [(ratio_points(frame, value), label) for value, label in values]
+    if all(points.empty for points, _ in panels):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (points, label) in zip(axes[0], panels):
+        colour = "regularizer" if points["regularizer"].nunique() > 1 else "level"  # one regularizer: its strengths
+        for reg, part in points.groupby(colour):
+            ax.scatter(part["ratio"], part["difference"], s=12, alpha=0.6, label=str(reg))
+        ax.axhline(0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("gradient ratio ||grad lambda*R|| / ||grad task|| (median over the run)")
+        ax.set_ylabel(f"accuracy - plain, same cell (points, {label})")
+        ax.legend(fontsize=8)
+    fig.suptitle("Accuracy against gradient ratio, every regularizer and strength", fontsize=10)
+    return _save(fig, folder, "accuracy_vs_gradient_ratio.png")
+
+
 def strength_sections(frame: pd.DataFrame, folder: Path, baseline: str = "0") -> list[str]:
     """Accuracy by strength per dataset, the plot, and the paired test of every strength against plain."""
     order = list(dict.fromkeys(frame["strength"]))
@@ -421,6 +476,7 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         _plot_accuracy_vs_size(frame, folder),
         _plot_ranks(ranks, folder),
         _plot_per_layer(layers, folder),
+        _plot_accuracy_vs_ratio(frame, folder),
     ]
     sections += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
     if not layers.empty:

@@ -167,3 +167,30 @@ def test_the_backend_is_checked_and_the_ray_flags_go_with_ray(monkeypatch, capsy
         assert message in capsys.readouterr().err
     script("--backend", "ray", "--num_cpus", "2", "--shard", "1/4", "--dry_run")  # --shard stays
     assert capsys.readouterr().out.splitlines()[-1] == "2 cells"
+
+
+def test_accuracy_against_gradient_ratio_pairs_each_run_with_plain_in_its_cell(tmp_path):
+    """Made-up runs: dreg's ratio is 0.1 (accuracy +2 points over none in its cell), spectral norm's 0.01 (-1)."""
+    from hf_dreg.report import ratio_points
+
+    path = tmp_path / "ratios.jsonl"
+    for seed in range(3):
+        for dataset in ("mnist", "sst2"):
+            base = 0.5 + 0.1 * seed + (0.2 if dataset == "sst2" else 0.0)
+            for reg, gain, ratios in (("none", 0.0, []), ("dreg", 0.02, [[0, 0.3], [20, 0.1], [40, 0.05]]),
+                                      ("spectral_norm", -0.01, [[0, 0.01], [20, 0.01], [40, 0.02]])):
+                append_result(path, {
+                    "cell": f"seed={seed}|dataset={dataset}|regularizer={reg}",
+                    "axes": {"seed": str(seed), "dataset": dataset, "regularizer": reg},
+                    "metrics": {"eval_accuracy": base + gain},
+                    "grad_ratios": ratios,
+                })
+    points = ratio_points(load_frame(path))
+    assert len(points) == 12 and set(points["regularizer"]) == {"dreg", "spectral_norm"}
+    dreg = points[points["regularizer"] == "dreg"]
+    assert dreg["ratio"].tolist() == [0.1] * 6 and dreg["difference"].round(6).tolist() == [2.0] * 6
+    spectral = points[points["regularizer"] == "spectral_norm"]
+    assert spectral["ratio"].tolist() == [0.01] * 6 and spectral["difference"].round(6).tolist() == [-1.0] * 6
+    text = write_report(path, tmp_path / "report").read_text()
+    assert "![accuracy_vs_gradient_ratio.png](accuracy_vs_gradient_ratio.png)" in text
+    assert (tmp_path / "report" / "accuracy_vs_gradient_ratio.png").stat().st_size > 0
