@@ -14,13 +14,14 @@ The steps axis costs one run: every cell trains to its longest ``eval_at`` step 
 ``lr_scheduler_type: constant_with_warmup`` and is evaluated (training and validation accuracy) at each
 ``eval_at`` step. Under a constant schedule the step-k checkpoint is a k-step run in learning rate and batch
 order (neither depends on ``max_steps``), so each checkpoint is a point of the steps axis. Not bit for bit: every
-evaluation draws from torch's global generator (a DataLoader's base seed), so the dropout masks after it differ
-(BERT has dropout 0.1): equal in distribution, with the spread of another seed.
+evaluation draws from torch's global generator (a DataLoader's base seed), which also draws the shuffling of the
+later epochs and the dropout masks (BERT's 0.1): equal in distribution, with about the spread of another seed.
 
 :func:`choose` picks per data set, among all checkpoints: those within one binomial standard error of the
 best validation accuracy; of these, those at the plateau (training accuracy >= ``plateau_train_acc`` and no
-later checkpoint of the run more than one standard error better), if any; of these, the cheapest (training
-seconds), then the best validation accuracy. :func:`pixel_logreg` is the pixel logistic-regression reference.
+later checkpoint of the run more than one standard error better), and of those the cheapest (training seconds),
+then the best validation accuracy. When none is at the plateau: the candidate closest to it (highest training
+accuracy), then the best validation accuracy. :func:`pixel_logreg` is the pixel logistic-regression reference.
 """
 
 from __future__ import annotations
@@ -313,8 +314,10 @@ def choose(records: list[dict], plateau_train_acc: float = PLATEAU_TRAIN_ACC) ->
     for p in near:
         p["plateau"] = p["train_accuracy"] >= plateau_train_acc and (p["later_best"] is None or p["later_best"] <= p["val_accuracy"] + se)
     at_plateau = [p for p in near if p["plateau"]]
-    pool = at_plateau or near
-    chosen = min(pool, key=lambda p: (p["train_seconds"] or 0.0, -p["val_accuracy"]))
+    if at_plateau:
+        chosen = min(at_plateau, key=lambda p: (p["train_seconds"] or 0.0, -p["val_accuracy"]))
+    else:  # nothing within one SE has fitted its training set: the one closest to it
+        chosen = max(near, key=lambda p: (p["train_accuracy"], p["val_accuracy"]))
     strip = lambda p: {k: v for k, v in p.items() if k not in ("record", "later_best")}  # noqa: E731
     return {
         "chosen": strip(chosen),

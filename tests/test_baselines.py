@@ -137,6 +137,13 @@ def test_choose_skips_points_still_rising_or_not_fitted():
     assert result["chosen"]["step"] == 600
 
 
+def test_choose_without_a_plateau_takes_the_best_fitted_candidate():
+    # nothing fits its training set; step 300 (0.79) and 600 (0.80) are within one SE: 600 has fitted more
+    records = [_record("r", [(100, 0.40, 0.70), (300, 0.60, 0.79), (600, 0.80, 0.80)])]
+    result = choose(records)
+    assert result["chosen"]["step"] == 600 and not result["chosen"]["plateau"] and result["at_plateau"] == 0
+
+
 def test_competent_config_cells_parse():
     """Every (data set, regularizer) of the generated factorial config is a valid run."""
     from transformers import HfArgumentParser
