@@ -215,6 +215,7 @@ def run_classification(
         "metrics": metrics,
         "per_site_dreg": site_values,
         "grad_ratios": ratios,
+        "reg_lambdas": [[step, value] for step, value in trainer.reg_lambdas],  # every 'auto' calibration
         "regularizer": {
             "name": training_args.regularizer,
             "reg_lambda": training_args.reg_lambda,  # the calibrated value under --dreg_lambda auto

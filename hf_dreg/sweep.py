@@ -142,6 +142,7 @@ def run_cell(cell: Cell, threads: int | None = None) -> dict:
         "data": result["data"],
         "per_site_dreg": result.get("per_site_dreg", {}),
         "grad_ratios": result.get("grad_ratios", []),
+        "reg_lambdas": result.get("reg_lambdas", []),
         "wall_time_s": round(time.perf_counter() - start, 2),
         "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

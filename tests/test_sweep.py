@@ -194,3 +194,15 @@ def test_accuracy_against_gradient_ratio_pairs_each_run_with_plain_in_its_cell(t
     text = write_report(path, tmp_path / "report").read_text()
     assert "![accuracy_vs_gradient_ratio.png](accuracy_vs_gradient_ratio.png)" in text
     assert (tmp_path / "report" / "accuracy_vs_gradient_ratio.png").stat().st_size > 0
+
+
+def test_a_sweep_line_keeps_every_calibration_of_an_auto_strength(shared_data):
+    """dreg_lambda auto re-calibrated every 2 of 4 steps: the line holds the calibrations at steps 0 and 2."""
+    from hf_dreg.sweep import Cell, run_cell
+
+    flags = {**SweepConfig.from_yaml("configs/sweep_tiny.yaml").base, "data_dir": str(shared_data / "sst2"), "samples_per_class": 4,
+             "max_steps": 4, "regularizer": "dreg", "dreg_lambda": "auto", "dreg_target_ratio": 0.1, "dreg_recalibrate_steps": 2}
+    record = run_cell(Cell(key=(("regularizer", "dreg_auto"),), flags=flags))
+    assert [step for step, _ in record["reg_lambdas"]] == [0, 2]
+    assert all(value > 0 for _, value in record["reg_lambdas"])
+    assert record["regularizer"]["reg_lambda"] == record["reg_lambdas"][-1][1]  # the strength it ended with
