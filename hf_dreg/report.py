@@ -109,6 +109,11 @@ def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = 
     return pd.DataFrame(rows).set_index("against") if rows else pd.DataFrame(rows)
 
 
+def dreg_levels(frame: pd.DataFrame) -> list[str]:
+    """The regularizer levels that are DREG at another strength than the level ``dreg`` (named ``dreg_...``)."""
+    return sorted(str(v) for v in frame["regularizer"].dropna().unique() if str(v).startswith("dreg_"))
+
+
 def wilcoxon_by(frame: pd.DataFrame, by: str, reference: str = "dreg", value: str = "accuracy") -> pd.DataFrame:
     """``wilcoxon_against`` within each level of ``by``: rows are levels, cells 'mean diff (p)' per regularizer."""
     rows = {}
@@ -463,6 +468,11 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         ]
         if frame["noisy_accuracy"].notna().any():
             sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, value="noisy_accuracy")), ""]
+        for level in dreg_levels(frame):  # DREG at its other strengths (e.g. dreg_auto_r0.1), each against all
+            sections += [f"## DREG as `{level}` against each regularizer (Wilcoxon signed-rank, paired by cell)", ""]
+            sections += [_md(wilcoxon_against(frame, reference=level)), ""]
+            if frame["noisy_accuracy"].notna().any():
+                sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, reference=level, value="noisy_accuracy")), ""]
     rank_axis = "strength" if "strength" in frame and frame["regularizer"].nunique() == 1 else "regularizer"
     ranks = mean_ranks(frame, axis=rank_axis)
     rank_table = ranks.rename("clean").to_frame()

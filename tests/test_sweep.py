@@ -206,3 +206,24 @@ def test_a_sweep_line_keeps_every_calibration_of_an_auto_strength(shared_data):
     assert [step for step, _ in record["reg_lambdas"]] == [0, 2]
     assert all(value > 0 for _, value in record["reg_lambdas"])
     assert record["regularizer"]["reg_lambda"] == record["reg_lambdas"][-1][1]  # the strength it ended with
+
+
+def test_report_tests_every_dreg_strength_against_every_regularizer(tmp_path):
+    """dreg_auto_r0.1 gains 2 points over none in every cell; dreg ties none: both sections, with their own numbers."""
+    path = tmp_path / "levels.jsonl"
+    for seed in range(4):
+        for dataset in ("mnist", "sst2"):
+            for reg, gain in (("none", 0.0), ("dreg", 0.0), ("dreg_auto_r0.1", 0.02 + 0.001 * seed), ("jacobian_auto_r0.1", 0.01)):
+                append_result(path, {
+                    "cell": f"seed={seed}|dataset={dataset}|regularizer={reg}",
+                    "axes": {"seed": str(seed), "dataset": dataset, "regularizer": reg},
+                    "metrics": {"eval_accuracy": 0.5 + 0.05 * seed + gain},
+                })
+    text = write_report(path, tmp_path / "report").read_text()
+    section = text.split("## DREG as `dreg_auto_r0.1` against each regularizer", 1)[1].split("\n## ", 1)[0]
+    none_row = next(line for line in section.splitlines() if line.startswith("| none"))
+    cells = [c.strip() for c in none_row.strip("|").split("|")]
+    assert cells[1:3] == ["8", "2.15"] and cells[3:6] == ["8", "0", "0"]  # pairs, mean diff, wins/ties/losses
+    jacobian_row = next(line for line in section.splitlines() if line.startswith("| jacobian_auto_r0.1"))
+    assert [c.strip() for c in jacobian_row.strip("|").split("|")][2] == "1.15"
+    assert "## DREG as `dreg` against" not in text  # the level dreg has its own section above
