@@ -84,7 +84,7 @@ def estimate_factorial(chosen: dict, costs: dict, slowdown: dict | None = None, 
     A plain run: the measured training seconds to the chosen step (one thread, on this shared machine), divided by
     the machine's ``slowdown`` for that data set when given (:func:`contention_factor`), plus the paper sweep's
     seconds outside training for that data set. A regularized run: its training seconds times the
-    paper sweep's ratio for that regularizer, plus 2/N (gradient-ratio logging every N steps) and, for auto
+    paper sweep's ratio for that regularizer, plus 4/N (gradient-ratio logging every N/2 steps) and, for auto
     strengths, another 2/N (re-calibration every N steps): two extra backward passes each, counted as steps."""
     per_dataset = {}
     for name, choice in chosen.items():
@@ -93,7 +93,7 @@ def estimate_factorial(chosen: dict, costs: dict, slowdown: dict | None = None, 
         cost = costs.get(name, {"overhead_s": 10.0, "ratio": {}})
         seconds = 0.0
         for _, basis, _, auto in regularizers:
-            extra = 2 / every + (2 / every if auto else 0.0)
+            extra = 2 / max(1, every // 2) + (2 / every if auto else 0.0)
             seconds += train_s * cost["ratio"].get(basis, 1.5) * (1 + (extra if basis != "none" else 0.0)) + cost["overhead_s"]
         per_dataset[name] = seconds * len(seeds) * len(activations)
     total = sum(per_dataset.values())
@@ -133,7 +133,7 @@ def competent_config(config: SelectionConfig, chosen: dict, estimate: dict, fact
         steps = int(c["chosen"]["step"])
         every = measurement_interval(steps)
         entry.update(_setting_of_config(c["config"]), max_steps=steps, eval_noise=EVAL_NOISE[d["model_type"]],
-                     dreg_recalibrate_steps=every, reg_ratio_interval=every)  # fmt: skip
+                     dreg_recalibrate_steps=every, reg_ratio_interval=max(1, every // 2))  # fmt: skip
         entries.append(entry)
     body = {
         "name": "competent",
@@ -211,8 +211,9 @@ def _header(chosen: dict, estimate: dict, factor: dict) -> str:
         "re-calibration (one ratio-picked strength each: DREG has two, so one more chance of a lucky cell; count that when "
         "reading the tests). weight_decay cannot be 'auto' (AdamW's decoupled decay is no loss term; the config refuses "
         "it): besides its default 0.01 it runs at 0.1, the usual AdamW value, NOT picked by the ratio rule. "
-        "reg_ratio_interval (as often as the re-calibration) logs the gradient ratio of every regularized run, for the "
-        "accuracy-against-ratio plot.",
+        "reg_ratio_interval (twice as often as the re-calibration) logs the gradient ratio of every regularized run, for "
+        "the accuracy-against-ratio plot: for an 'auto' strength a calibration step records its target, and the "
+        "measurements midway between calibrations record how far the ratio has drifted (the report uses those).",
         f"Size: {estimate['runs']} runs ({len(SEEDS)} seeds x {len(chosen)} data sets x {len(ACTIVATIONS)} activations x "
         f"{len(REGULARIZER_AXIS)} regularizers). Estimated cost: {estimate['total_single_thread_s'] / 3600:.1f} "
         f"single-thread hours = {hours:.1f} hours on {CORES} cores ({per_run:.0f} s a run on average): the training "

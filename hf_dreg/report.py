@@ -30,6 +30,7 @@ def load_frame(path: str | Path) -> pd.DataFrame:
         row["wall_time_s"] = record.get("wall_time_s")
         row["per_site_dreg"] = record.get("per_site_dreg", {})
         row["grad_ratios"] = record.get("grad_ratios") or []
+        row["reg_lambdas"] = record.get("reg_lambdas") or []  # 'auto' calibrations: (step, lambda)
         row["reg_lambda"] = record.get("regularizer", {}).get("reg_lambda")
         row["cell"] = record["cell"]
         rows.append(row)
@@ -58,7 +59,7 @@ def summary_table(frame: pd.DataFrame, by: list[str], value: str = "accuracy") -
 
 _NOT_AXES = (
     "accuracy", "macro_f1", "noisy_accuracy", "train_accuracy", "gap", "wall_time_s", "per_site_dreg", "cell", "modality",
-    "grad_ratios", "reg_lambda",
+    "grad_ratios", "reg_lambda", "reg_lambdas",
 )
 
 
@@ -277,7 +278,8 @@ def ratio_points(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
 
     The level is the regularizer (with its strength when the grid has a strength axis); plain is the run of
     regularizer ``none`` (or strength ``0``) in the same cell, i.e. with every other axis equal. The ratio
-    is ||grad lambda*R|| / ||grad task||, the median of the run's measurements.
+    is ||grad lambda*R|| / ||grad task||, the median of the run's measurements; for an 'auto' strength the
+    steps where it was calibrated (``reg_lambdas``), which record the target, are left out.
     """
     if "grad_ratios" not in frame or value not in frame:
         return pd.DataFrame()
@@ -293,7 +295,8 @@ def ratio_points(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
     plain = frame[is_plain].drop_duplicates(subset=others).set_index(others)[value] if others else None
     rows = []
     for _, run in frame[~is_plain].iterrows():
-        ratios = [r[1] for r in run["grad_ratios"] if r and r[1] is not None and r[1] > 0]
+        calibrated = {step for step, _ in run.get("reg_lambdas") or []}  # those steps record the target, not a measurement
+        ratios = [r[1] for r in run["grad_ratios"] if r and r[0] not in calibrated and r[1] is not None and r[1] > 0]
         if not ratios or pd.isna(run[value]):
             continue
         key = tuple(run[c] for c in others)

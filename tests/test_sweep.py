@@ -185,7 +185,17 @@ def test_accuracy_against_gradient_ratio_pairs_each_run_with_plain_in_its_cell(t
                     "metrics": {"eval_accuracy": base + gain},
                     "grad_ratios": ratios,
                 })
+        append_result(path, {  # an 'auto' strength: calibrated to 0.1 at steps 0 and 20, drifted to 0.04 and 0.02 between
+            "cell": f"seed={seed}|dataset=mnist|regularizer=dreg_auto",
+            "axes": {"seed": str(seed), "dataset": "mnist", "regularizer": "dreg_auto"},
+            "metrics": {"eval_accuracy": 0.5 + 0.1 * seed},
+            "grad_ratios": [[0, 0.1], [10, 0.04], [20, 0.1], [30, 0.02]],
+            "reg_lambdas": [[0, 3.0], [20, 5.0]],
+        })
     points = ratio_points(load_frame(path))
+    auto = points[points["regularizer"] == "dreg_auto"]
+    assert auto["ratio"].round(6).tolist() == [0.03] * 3 and auto["difference"].round(6).tolist() == [0.0] * 3
+    points = points[points["regularizer"] != "dreg_auto"]
     assert len(points) == 12 and set(points["regularizer"]) == {"dreg", "spectral_norm"}
     dreg = points[points["regularizer"] == "dreg"]
     assert dreg["ratio"].tolist() == [0.1] * 6 and dreg["difference"].round(6).tolist() == [2.0] * 6
