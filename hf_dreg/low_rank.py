@@ -35,11 +35,6 @@ class LowRankRows:
         """The rows of part ``index`` of ``parts`` equal parts (a fused gate/up projection)."""
         return LowRankRows(self.base.chunk(parts, dim=0)[index], self.up.chunk(parts, dim=0)[index], self.down)
 
-    def dense(self) -> Tensor:
-        """The weight itself, ``base + up @ down`` (for checks; the statistics never form it)."""
-        dtype = compute_dtype(torch.promote_types(self.base.dtype, self.up.dtype))
-        return self.base.to(dtype) + self.up.to(dtype) @ self.down.to(dtype)
-
 
 def _dtype(*weights) -> torch.dtype:
     dtype = torch.float32
