@@ -136,3 +136,19 @@ def test_overhead_benchmark_rejects_an_unknown_regularizer(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--shapes", "tiny", "--regularizers", "dropout"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "unknown regularizer(s) ['dropout']" in done.stderr
+
+
+def test_profile_step_counts_what_dreg_adds_to_the_plain_step(tmp_path):
+    """benchmarks/profile_step.py on the CPU: DREG's variants add operators to the plain step (its own
+    fused kernels: dynamo-compiled regions; eager: more elementwise operators than fused), and the JSON
+    and text reports are written."""
+    profile_step = _load("profile_step")
+    (result,) = profile_step.main(["--shapes", "tiny:2x8", "--rounds", "1", "--warmup", "1", "--out", str(tmp_path)])
+    ops = result["operators_per_step"]
+    assert ops["dreg-eager"] > ops["dreg-fused"] > ops["plain"]
+    added = dict(result["added_over_plain"]["dreg-fused"])
+    assert added.get("TorchDynamo Cache Lookup", 0) > 0  # the fused path really runs compiled kernels
+    assert "TorchDynamo Cache Lookup" not in dict(result["added_over_plain"]["dreg-eager"])
+    assert result["sync_stacks"] == {}  # no CUDA here
+    assert json.loads((tmp_path / "profile.json").read_text()) == json.loads(json.dumps([result]))
+    assert "dreg-fused" in (tmp_path / "profile.txt").read_text()

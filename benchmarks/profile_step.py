@@ -1,0 +1,178 @@
+"""Where the time of a DREG training step goes, against the plain step: a diagnostic for the GPU machine.
+
+    python benchmarks/profile_step.py --device cuda --dtype bfloat16 --shapes base:32x128 --out DIR
+
+For each shape it builds identical models (``benchmarks/overhead.py``'s), trained plain, with DREG's
+fused kernels and with DREG's eager math, and:
+
+- times them, interleaved (median step time / plain, as overhead.py does);
+- counts, per step, the CUDA runtime calls (kernel launches, stream/device synchronisations, copies)
+  and the operators each variant adds to the plain step (torch.profiler);
+- on CUDA, names every host-device synchronisation DREG's step makes, with its Python line
+  (``torch.cuda.set_sync_debug_mode("warn")``).
+
+Writes ``profile.json`` and a readable ``profile.txt`` under ``--out``. It runs on the CPU too (no
+CUDA counts, no sync report), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import overhead  # noqa: E402
+
+from hf_dreg import DREGTrainingArguments  # noqa: E402
+from hf_dreg.regularizers import build_regularizer  # noqa: E402
+
+VARIANTS = {"plain": ("none", True), "dreg-fused": ("dreg", True), "dreg-eager": ("dreg", False)}
+CUDA_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+              "cudaMemcpyAsync", "cudaEventSynchronize", "cudaStreamWaitEvent")
+
+
+def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:
+    template = overhead.build_model(shape, 0, torch.float32, device)
+    contenders = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in variants:
+            regularizer_name, fused = VARIANTS[name]
+            model = copy.deepcopy(template)
+            args = DREGTrainingArguments(output_dir=tmp, regularizer=regularizer_name, dreg_fused=fused, use_cpu=True, report_to="none")
+            regularizer = build_regularizer(model, args)
+            regularizer.activate(model)
+            overhead.cast_weights(model, dtype)
+            contenders[name] = overhead.Contender(name, model, regularizer, args.reg_lambda, args.weight_decay)
+    del template
+    return contenders
+
+
+def op_counts(contender, batch, cuda: bool) -> Counter:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        contender.step(batch)
+        contender.sync()
+    return Counter({e.key: e.count for e in prof.key_averages()})
+
+
+def sync_stacks(contender, batch) -> list[tuple[int, str]]:
+    """(count, Python stack) of every synchronising CUDA call one step makes (torch's sync debug mode)."""
+    seen: Counter = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    original = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename or "hf_dreg" in f.filename]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[-4:][::-1])
+            seen[where] += 1
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            contender.step(batch)
+            contender.sync()
+    finally:
+        warnings.showwarning = original
+        torch.cuda.set_sync_debug_mode("default")
+    return sorted(((n, where) for where, n in seen.items()), reverse=True)
+
+
+def run_shape(text: str, device: str, dtype: torch.dtype, variants: list[str], rounds: int, warmup: int) -> dict:
+    name, shape = overhead.parse_shape(text)
+    contenders = build(shape, device, dtype, variants)
+    batch = overhead.make_batch(shape, next(iter(contenders.values())).model, device)
+    for _ in range(warmup):
+        for c in contenders.values():
+            c.step(batch)
+    times = {n: [] for n in contenders}
+    for _ in range(rounds):
+        for n, c in contenders.items():
+            times[n].append(c.timed_step(batch)[0])
+    cuda = device.startswith("cuda")
+    counts = {n: op_counts(c, batch, cuda) for n, c in contenders.items()}
+    result = {
+        "shape": text,
+        "median_step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+        "time_ratio": {n: statistics.median(a / b for a, b in zip(t, times["plain"])) for n, t in times.items()},
+        "cuda_calls_per_step": {n: {k: c[k] for k in CUDA_CALLS if c[k]} for n, c in counts.items()},
+        "operators_per_step": {n: sum(v for k, v in c.items() if k.startswith("aten::")) for n, c in counts.items()},
+        "added_over_plain": {},
+        "sync_stacks": {},
+    }
+    for n in contenders:
+        if n == "plain":
+            continue
+        diff = counts[n].copy()
+        diff.subtract(counts["plain"])
+        result["added_over_plain"][n] = [(k, v) for k, v in diff.most_common(30) if v > 0]
+        if cuda:
+            result["sync_stacks"][n] = sync_stacks(contenders[n], batch)
+    if cuda:
+        result["sync_stacks"]["plain"] = sync_stacks(contenders["plain"], batch)
+    del contenders
+    overhead.release_free_memory()
+    return result
+
+
+def as_text(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"== {r['shape']}")
+        for n in r["median_step_ms"]:
+            lines.append(
+                f"{n:12s} {r['median_step_ms'][n]:9.2f} ms  x{r['time_ratio'][n]:.3f}  aten ops {r['operators_per_step'][n]}  "
+                f"cuda {r['cuda_calls_per_step'][n]}"
+            )
+        for n, added in r["added_over_plain"].items():
+            lines.append(f"-- {n}: added over plain: {added}")
+        for n, stacks in r["sync_stacks"].items():
+            lines.append(f"-- {n}: synchronising calls in one step ({sum(c for c, _ in stacks)}):")
+            lines.extend(f"   {c:4d}  {where}" for c, where in stacks[:15])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--shapes", default="tiny:2x16")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    if variants[0] != "plain" or any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants: start with plain, then any of {list(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for text in args.shapes.split(","):
+        started = time.perf_counter()
+        results.append(run_shape(text, args.device, getattr(torch, args.dtype), variants, args.rounds, args.warmup))
+        results[-1]["wall_s"] = time.perf_counter() - started
+        (out / "profile.json").write_text(json.dumps(results, indent=1))
+        (out / "profile.txt").write_text(as_text(results))
+        print(as_text(results[-1:]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
