@@ -20,8 +20,13 @@ from torch import Tensor, nn
 
 from .activations import spec_for
 from .layers import penalty_weight_rows
-from .low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
-from .penalty import gated_site_penalty, plain_site_activation, plain_site_penalty
+from .low_rank import (
+    LowRankRows,
+    gated_site_penalty_low_rank,
+    plain_site_activation_low_rank,
+    plain_site_penalty_low_rank,
+)
+from .penalty import gated_site_penalty_from_weights, plain_site_activation_from_weight, plain_site_penalty_from_weight
 from .positions import position_masks
 from .sites import PLAIN, Site, find_sites
 
@@ -153,17 +158,21 @@ class DREGHandle:
             return None
         spec = self._specs[site.name]
         output = None
+        # the row statistics and the site's penalty: one compiled region each way (see hf_dreg.penalty)
         if site.kind == PLAIN:
-            r = weight_row_stats(pieces.w_gate, self.fused)
+            low_rank = isinstance(pieces.w_gate, LowRankRows)
             if at_activation and isinstance(pieces.a, Tensor):
-                output, p = plain_site_activation(pieces.g, pieces.a, r, spec, self.fused)
+                compute = plain_site_activation_low_rank if low_rank else plain_site_activation_from_weight
+                output, p = compute(pieces.g, pieces.a, pieces.w_gate, spec, self.fused)
             else:
-                p = plain_site_penalty(pieces.g, pieces.a, r, spec, self.fused)
+                compute = plain_site_penalty_low_rank if low_rank else plain_site_penalty_from_weight
+                p = compute(pieces.g, pieces.a, pieces.w_gate, spec, self.fused)
         else:
             if pieces.u is None:
                 return None
-            rg, ru, c = weight_gated_row_stats(pieces.w_gate, pieces.w_up, self.fused)
-            p = gated_site_penalty(pieces.g, pieces.a, pieces.u, rg, ru, c, spec, self.fused)
+            low_rank = isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows)
+            compute = gated_site_penalty_low_rank if low_rank else gated_site_penalty_from_weights
+            p = compute(pieces.g, pieces.a, pieces.u, pieces.w_gate, pieces.w_up, spec, self.fused)
         self._pieces[site.name] = _Pieces()
         if self._recording:  # off while gradient checkpointing recomputes a layer in backward
             self._records[site.name] = p
@@ -184,25 +193,35 @@ class DREGHandle:
         masks = dict(self._masks if masks is None else masks)
         if attention_mask is not None:
             masks["attention_mask"] = attention_mask
-        out = []
+        groups: dict = {}  # sites of one mask and shape are summed together: a few operators per step, not per site
         for site in self.sites:
             p = self._records.get(site.name)
             if p is None:
                 continue
             mask = masks.get(site.mask_key) if site.mask_key else None
-            if mask is None:
-                out.append((site, p.sum(), torch.tensor(float(p.numel()), dtype=p.dtype, device=p.device)))
-                continue
-            if tuple(mask.shape) != tuple(p.shape):
+            if mask is not None and tuple(mask.shape) != tuple(p.shape):
                 raise PositionMismatchError(
                     f"DREG site {site.name!r} computed {tuple(p.shape)} positions, but the batch's {site.mask_key} "
                     f"has shape {tuple(mask.shape)}. The model adds or drops positions the mask does not describe "
                     "(PEFT prompt/prefix tuning's virtual tokens, a custom 4-D mask): DREG cannot tell padding from "
                     "tokens there. Use LoRA instead of prompt tuning, or pass a 2-D mask of the positions the model computes."
                 )
-            weights = mask.to(device=p.device, dtype=p.dtype)
-            out.append((site, (p * weights).sum(), weights.sum()))
-        return out
+            key = (site.mask_key if mask is not None else None, tuple(p.shape), p.dtype, p.device)
+            groups.setdefault(key, ([], [], mask))[0].append(site)
+            groups[key][1].append(p)
+        found = {}
+        for (_, shape, dtype, device), (sites, ps, mask) in groups.items():
+            stacked = torch.stack(ps) if len(ps) > 1 else ps[0].unsqueeze(0)
+            if mask is None:
+                totals = stacked.reshape(len(ps), -1).sum(-1)
+                count = torch.full((), float(math.prod(shape)), dtype=dtype, device=device)
+            else:
+                weights = mask.to(device=device, dtype=dtype)
+                totals = (stacked * weights).reshape(len(ps), -1).sum(-1)
+                count = weights.sum()
+            for site, total in zip(sites, totals.unbind(0)):
+                found[site.name] = (site, total, count)
+        return [found[site.name] for site in self.sites if site.name in found]
 
     def penalty(self, attention_mask: Tensor | None = None) -> Tensor:
         """Mean over sites of the per-site DREG value (lambda not applied) for the last forward.

@@ -20,7 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .penalty import compute_dtype, gated_row_stats, row_stats
+from .penalty import (
+    GatedSitePenalty,
+    PlainSiteActivation,
+    PlainSitePenalty,
+    _kernel,
+    compute_dtype,
+    gated_row_stats,
+    gated_site_penalty,
+    plain_site_penalty,
+    row_stats,
+)
 
 
 @dataclass
@@ -86,6 +96,60 @@ def weight_gated_row_stats(w_gate: Tensor | LowRankRows, w_up: Tensor | LowRankR
     if isinstance(w_gate, LowRankRows) and isinstance(w_up, LowRankRows):
         c = c + _inner(w_gate, w_up, dtype)
     return rg, ru, c
+
+
+# ---- a LoRA site as one compiled region (see the end of hf_dreg.penalty) ------------------------------
+
+
+def _rows(base, up, down):
+    return base if up is None else LowRankRows(base, up, down)
+
+
+def _factors(w: Tensor | LowRankRows) -> tuple:
+    return (w.base, w.up, w.down) if isinstance(w, LowRankRows) else (w, None, None)
+
+
+def _plain_site_activation_low_rank(spec, z, a, base, up, down):
+    return PlainSiteActivation.apply(z, a, weight_row_stats(_rows(base, up, down)), spec, False)
+
+
+def _plain_site_penalty_low_rank(spec, z, a, base, up, down):
+    s = (z if spec.saved == "input" else a).detach()
+    return PlainSitePenalty.apply(z, weight_row_stats(_rows(base, up, down)), s, a.detach(), spec, False)
+
+
+def _gated_site_penalty_low_rank(spec, g, a, u, g_base, g_up, g_down, u_base, u_up, u_down):
+    rg, ru, c = weight_gated_row_stats(_rows(g_base, g_up, g_down), _rows(u_base, u_up, u_down))
+    s = (g if spec.saved == "input" else a).detach()
+    return GatedSitePenalty.apply(g, u, rg, ru, c, s, a.detach(), spec, False)
+
+
+def plain_site_activation_low_rank(z, a, w: LowRankRows, spec, fused: bool = False):
+    """(a, p) of a plain site fed by a LoRA layer, its row statistics from the factors, in one compiled region."""
+
+    def penalty_only(z, a, *factors):  # the activation's output stays its own node (its own backward runs)
+        return a, plain_site_penalty_low_rank(z, a, _rows(*factors), spec, fused)
+
+    return _kernel(_plain_site_activation_low_rank, spec, fused, penalty_only)(z, a, *_factors(w))
+
+
+def plain_site_penalty_low_rank(z, a, w: LowRankRows, spec, fused: bool = False):
+    """p of a plain site fed by a LoRA layer, its row statistics from the factors, in one compiled region."""
+
+    def parts(z, a, *factors):
+        return plain_site_penalty(z, a, weight_row_stats(_rows(*factors), fused), spec, fused)
+
+    return _kernel(_plain_site_penalty_low_rank, spec, fused, parts)(z, a, *_factors(w))
+
+
+def gated_site_penalty_low_rank(g, a, u, w_g, w_u, spec, fused: bool = False):
+    """p of a gated site whose gate and/or up projection is a LoRA layer, in one compiled region."""
+
+    def parts(g, a, u, *factors):
+        rows = weight_gated_row_stats(_rows(*factors[:3]), _rows(*factors[3:]), fused)
+        return gated_site_penalty(g, a, u, *rows, spec, fused)
+
+    return _kernel(_gated_site_penalty_low_rank, spec, fused, parts)(g, a, u, *_factors(w_g), *_factors(w_u))
 
 
 __all__ = ["LowRankRows", "weight_gated_row_stats", "weight_row_stats"]

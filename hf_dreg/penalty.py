@@ -217,11 +217,18 @@ def _bound(fn, spec):
     return kernel
 
 
-def _kernel(fn, spec: ActivationSpec, fused: bool):
+_UNTRACEABLE: set = set()  # whole-site functions this torch could not compile as one region
+
+
+def _kernel(fn, spec: ActivationSpec, fused: bool, parts=None):
     """``fn`` bound to ``spec``, compiled into one fused kernel when ``fused``.
 
     Falls back to the same math in eager mode only where the machine cannot compile (no C++
-    compiler, no triton, no dynamo on this Python); any other error of the compiled kernel propagates.
+    compiler, no triton, no dynamo on this Python); any other error of the compiled kernel propagates,
+    except for a whole site (``parts`` given: the same values by a simpler route). Tracing autograd
+    Functions into one region needs a recent dynamo (torch 2.11 refuses a Function that returns one of
+    its inputs, as the activation's node does), so where it fails the site takes that route, saying so
+    once per kind of site.
     """
     if not fused or _FUSION_FAILED:
         return lambda *args: fn(spec, *args)
@@ -238,10 +245,21 @@ def _kernel(fn, spec: ActivationSpec, fused: bool):
     def run(*args):
         if _FUSION_FAILED:
             return fn(spec, *args)
+        if parts is not None and fn in _UNTRACEABLE:
+            return parts(*args)
         try:
             return compiled(*args)
         except Exception as error:
             cause = missing_compiler(error)
+            if cause is None and parts is not None:
+                _UNTRACEABLE.add(fn)
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                logger.warning(
+                    f"hf_dreg: torch {torch.__version__} cannot compile a whole DREG site as one region "
+                    f"({fn.__name__}; {type(error).__name__}: {first_line[:200]}); using a simpler route: "
+                    "the same values, more host time per step on a GPU."
+                )
+                return parts(*args)
             if cause is None:
                 raise
             first_line = (str(cause).strip().splitlines() or [""])[0]
@@ -424,3 +442,54 @@ def gated_site_penalty(g, a, u, rg, ru, c, spec: ActivationSpec, fused: bool = F
     """Per-position penalty of a gated site from g (the activation's input), a = f(g), u and row stats."""
     s = (g if spec.saved == "input" else a).detach()
     return GatedSitePenalty.apply(g, u, rg, ru, c, s, a.detach(), spec, fused)
+
+
+# ---- a whole site as one compiled region ---------------------------------------------------------
+# The functions above as separate compiled kernels cost a site four compiled calls and four autograd
+# nodes per step (the row statistics and the site's node, each way). On a GPU a training step of a
+# transformer is mostly bound by the host issuing kernels, and each compiled call's host-side cost
+# (dynamo's guards, the AOT wrapper, the autograd node) was most of what DREG added to a step. Traced
+# together, the row statistics and the site's node are one compiled call forward and one backward: the
+# same autograd Functions, with the same saved tensors and hand-written backwards, inlined into one graph.
+
+
+def _plain_site_activation_whole(spec, z, a, w):
+    return PlainSiteActivation.apply(z, a, RowStats.apply(w, False), spec, False)
+
+
+def _plain_site_penalty_whole(spec, z, a, w):
+    s = (z if spec.saved == "input" else a).detach()
+    return PlainSitePenalty.apply(z, RowStats.apply(w, False), s, a.detach(), spec, False)
+
+
+def _gated_site_penalty_whole(spec, g, a, u, w_g, w_u):
+    rg, ru, c = GatedRowStats.apply(w_g, w_u, False)
+    s = (g if spec.saved == "input" else a).detach()
+    return GatedSitePenalty.apply(g, u, rg, ru, c, s, a.detach(), spec, False)
+
+
+def plain_site_activation_from_weight(z: Tensor, a: Tensor, w: Tensor, spec: ActivationSpec, fused: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`plain_site_activation` with the row statistics of the dense weight ``w`` computed in the same region."""
+
+    def penalty_only(z, a, w):  # the activation's output stays its own node (its own backward runs)
+        return a, plain_site_penalty_from_weight(z, a, w, spec, fused)
+
+    return _kernel(_plain_site_activation_whole, spec, fused, penalty_only)(z, a, w)
+
+
+def plain_site_penalty_from_weight(z: Tensor, a: Tensor, w: Tensor, spec: ActivationSpec, fused: bool = False) -> Tensor:
+    """:func:`plain_site_penalty` with the row statistics of the dense weight ``w`` computed in the same region."""
+
+    def parts(z, a, w):
+        return plain_site_penalty(z, a, row_stats(w, fused), spec, fused)
+
+    return _kernel(_plain_site_penalty_whole, spec, fused, parts)(z, a, w)
+
+
+def gated_site_penalty_from_weights(g, a, u, w_g: Tensor, w_u: Tensor, spec: ActivationSpec, fused: bool = False) -> Tensor:
+    """:func:`gated_site_penalty` with the row statistics of the dense weights computed in the same region."""
+
+    def parts(g, a, u, w_g, w_u):
+        return gated_site_penalty(g, a, u, *gated_row_stats(w_g, w_u, fused), spec, fused)
+
+    return _kernel(_gated_site_penalty_whole, spec, fused, parts)(g, a, u, w_g, w_u)

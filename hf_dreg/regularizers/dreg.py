@@ -72,14 +72,18 @@ class DREG(Regularizer):
         divide by again; others (positions of no counted kind, e.g. image patches) use their local
         mean, as a classification loss does.
         """
-        terms = []
-        for site, total, count in sums:
+        totals = torch.stack([total for _, total, _ in sums])
+        factors, shared = [], {}  # sites of one kind of position (or one count) share their factor
+        for site, _, count in sums:
             step_count = step.positions.get(site.mask_key) if site.mask_key else None
-            if step_count is None:
-                terms.append(total / count.clamp_min(1))
-            else:
-                terms.append(total * (step.accumulation_steps * step.processes) / step_count.clamp_min(1))
-        return torch.stack(terms)
+            key = ("step", site.mask_key) if step_count is not None else ("local", id(count))
+            if key not in shared:
+                if step_count is None:
+                    shared[key] = 1.0 / count.to(totals.dtype).clamp_min(1)
+                else:
+                    shared[key] = (step.accumulation_steps * step.processes) / step_count.to(totals.dtype).clamp_min(1)
+            factors.append(shared[key])
+        return totals * torch.stack(factors)
 
     def describe(self):
         kinds = sorted({s.kind for s in self.sites})
