@@ -19,6 +19,7 @@ from .results_store import read_results
 
 LOGREG_FILE = "pixel_logreg.json"
 PAPER_RESULTS = "results/paper/results.jsonl"
+FACTORIAL_RESULTS = "results/competent/results.jsonl"
 SEED_LAMBDA = 10**-2.5
 MEASUREMENTS_PER_RUN = 10  # 'auto' re-calibrations and gradient-ratio measurements per run: every max_steps/10 steps
 ACTIVATIONS = ["relu", "gelu", "tanh", "silu"]
@@ -99,6 +100,37 @@ def estimate_factorial(chosen: dict, costs: dict, slowdown: dict | None = None, 
     total = sum(per_dataset.values())
     return {"per_dataset_s": per_dataset, "total_single_thread_s": total, "hours_on_cores": total / CORES / 3600,
             "runs": len(chosen) * len(seeds) * len(activations) * len(regularizers)}  # fmt: skip
+
+
+def measured_cost(path: str | Path = FACTORIAL_RESULTS, activations=ACTIVATIONS, regularizers=REGULARIZER_AXIS) -> dict | None:
+    """What the factorial's runs so far took: mean wall seconds a run per data set (one worker per core, on this
+    shared machine), and the hours on ``CORES`` cores that one seed of each data set takes at that rate."""
+    runs = read_results(path) if Path(path).is_file() else []
+    seconds: dict[str, list[float]] = {}
+    for r in runs:
+        seconds.setdefault(r["axes"]["dataset"], []).append(float(r["wall_time_s"]))
+    if not seconds:
+        return None
+    per_seed = len(activations) * len(regularizers)
+    return {
+        "runs": len(runs),
+        "mean_run_s": {name: float(np.mean(v)) for name, v in seconds.items()},
+        "seed_hours_on_cores": {name: float(np.mean(v)) * per_seed / CORES / 3600 for name, v in seconds.items()},
+    }
+
+
+def _measured_lines(estimate: dict) -> list[str]:
+    """The measured cost against the estimate, per data set with runs (empty before the factorial has run)."""
+    measured = estimate.get("measured")
+    if not measured:
+        return []
+    seeds = len(SEEDS)
+    lines = []
+    for name, hours in measured["seed_hours_on_cores"].items():
+        estimated = estimate["per_dataset_s"][name] / seeds / CORES / 3600
+        lines.append(f"{name}: {measured['mean_run_s'][name]:.0f} s a run, {hours:.2f} h a seed on {CORES} cores "
+                     f"(estimated {estimated:.2f} h)")
+    return lines
 
 
 def measurement_interval(max_steps: int) -> int:
@@ -223,6 +255,13 @@ def _header(chosen: dict, estimate: dict, factor: dict) -> str:
         "paper sweep's per-run seconds outside training. Without the load correction (an upper bound): "
         f"{estimate['as_measured']['hours_on_cores']:.1f} hours on {CORES} cores.",
     ]
+    measured = _measured_lines(estimate)
+    if measured:
+        paragraphs.append(
+            f"MEASURED so far ({estimate['measured']['runs']} runs of {FACTORIAL_RESULTS}, wall time, one worker per core "
+            "on this shared machine): " + "; ".join(measured) + ". Where those differ from the estimate, they are what "
+            "to plan with."
+        )
     if hours > BUDGET_HOURS:
         paragraphs.append(
             f"THAT EXCEEDS the {BUDGET_HOURS:.0f}-hour budget. Proposed reduction (a trimmed copy of this grid; seeds "
@@ -236,8 +275,11 @@ def _header(chosen: dict, estimate: dict, factor: dict) -> str:
 
 
 def _reduced(estimate: dict) -> list[str]:
-    """Hours of a few smaller designs, scaled from the estimate (cost is linear in seeds, activations, regularizers)."""
-    full = estimate["hours_on_cores"]
+    """Hours of a few smaller designs, scaled from the estimate (cost is linear in seeds, activations, regularizers),
+    with each data set's measured cost in place of its estimate once the factorial has runs of it."""
+    measured = (estimate.get("measured") or {}).get("seed_hours_on_cores", {})
+    seed_hours = [measured.get(name, seconds / len(SEEDS) / CORES / 3600) for name, seconds in estimate["per_dataset_s"].items()]
+    full = sum(seed_hours) * len(SEEDS)
     r = len(REGULARIZER_AXIS)
     out = []
     for seeds, acts in ((3, 4), (3, 2), (3, 1)):
@@ -404,6 +446,11 @@ def _cost_section(estimate: dict, factor: dict) -> list[str]:
         f = factor.get(name)
         raw = estimate["as_measured"]["per_dataset_s"][name]
         lines.append(f"| {name} | {seconds / 3600:.2f} | {raw / 3600:.2f} | {f'{f:.2f}x' if f else '-'} |")
+    measured = _measured_lines(estimate)
+    if measured:
+        lines += ["", f"Measured so far ({estimate['measured']['runs']} runs of `{FACTORIAL_RESULTS}`, wall time, one worker "
+                  "per core on this shared machine; what to plan with where it differs from the estimate):", ""]
+        lines += [f"- {line}" for line in measured]
     lines += ["", "Proposed reductions if the full design does not fit:", ""] + [f"- {line}" for line in _reduced(estimate)]
     return lines
 
@@ -464,6 +511,7 @@ def write_outputs(config: SelectionConfig) -> list[Path]:
     factor = contention_factor(records, costs)
     estimate = estimate_factorial(chosen, costs, slowdown=factor)
     estimate["as_measured"] = estimate_factorial(chosen, costs)  # no correction for the load: an upper bound
+    estimate["measured"] = measured_cost()  # the factorial's own runs, once it has some
     logreg_path = Path(config.results).parent / LOGREG_FILE
     logreg = json.loads(logreg_path.read_text()) if logreg_path.is_file() else None
     written = []

@@ -169,3 +169,25 @@ def test_competent_config_cells_parse():
     assert len(seen) == len(config.grid["dataset"]) * len(config.grid["regularizer"])
     assert list(config.grid)[0] == "seed"
     json.dumps(config.grid)  # plain data
+
+
+def test_measured_cost_plans_with_the_factorial_s_own_runs(tmp_path):
+    """The factorial's measured wall time replaces the estimate of the data sets it has run."""
+    from hf_dreg import baselines_report as br
+    from hf_dreg.results_store import append_result
+
+    path = tmp_path / "results.jsonl"
+    for seconds in (100.0, 140.0):
+        append_result(path, {"axes": {"dataset": "mnist", "seed": "0"}, "wall_time_s": seconds})
+    append_result(path, {"axes": {"dataset": "sst2", "seed": "0"}, "wall_time_s": 20.0})
+    measured = br.measured_cost(path)
+    per_seed = len(br.ACTIVATIONS) * len(br.REGULARIZER_AXIS)
+    assert measured["runs"] == 3 and measured["mean_run_s"] == {"mnist": 120.0, "sst2": 20.0}
+    assert measured["seed_hours_on_cores"]["mnist"] == pytest.approx(120.0 * per_seed / br.CORES / 3600)
+    assert br.measured_cost(tmp_path / "absent.jsonl") is None
+    seeds = len(br.SEEDS)
+    estimate = {"hours_on_cores": 1.0, "measured": measured,
+                "per_dataset_s": {"mnist": 3600.0 * br.CORES * seeds, "sst2": 0.0, "trec6": 3600.0 * br.CORES * seeds}}
+    full = measured["seed_hours_on_cores"]["mnist"] + measured["seed_hours_on_cores"]["sst2"] + 1.0  # trec6: its estimate
+    three_seeds_all = br._reduced(estimate)[0]
+    assert f"{full * 3:.1f} h" in three_seeds_all, three_seeds_all
