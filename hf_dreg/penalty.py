@@ -32,6 +32,11 @@ is most of it; on a GPU memory traffic is):
   :func:`_weighted_col_sums`): a transient buffer of 1 (plain) or 3 (gated) x positions x m values
   during each site's backward.
 
+- the host: each site is one compiled region forward and one backward (the row statistics and the
+  site's node traced together, end of this module). On a GPU a transformer's training step is mostly
+  bound by the host issuing kernels, so the number of calls per site, not the arithmetic, is what DREG
+  costs there (README, "Cost").
+
 Where a bf16/fp16 activation's output is only a rounding of f(z), everything comes from z instead
 (computed in float32), as before the pair path existed.
 """
