@@ -420,17 +420,19 @@ def _subset_sections(frame: pd.DataFrame) -> list[str]:
                 sections += [f"DREG minus each regularizer, {regime} (points, Wilcoxon p, pairs):", "", _md(tests), ""]
             sections += [f"Mean ranks, {regime}:", "", _md(ranks_by(frame, axis, value)), ""]
     if "samples_per_class" in frame and frame["samples_per_class"].nunique() > 1:
-        for value, regime in values:
-            growth = advantage_growth(frame, value=value)
-            if not growth.empty:
-                sections += [
-                    f"Does DREG's advantage grow as data shrinks? ({regime}; the advantage is DREG minus the other, "
-                    "growth is the advantage at the smallest size minus at the largest, paired by data set and seed, "
-                    "Wilcoxon signed-rank):",
-                    "",
-                    _md(growth),
-                    "",
-                ]
+        for reference in ["dreg", *dreg_levels(frame)]:  # the seed's strength, then each acting one (dreg_auto_r0.1, ...)
+            name = "DREG" if reference == "dreg" else f"DREG as `{reference}`"
+            for value, regime in values:
+                growth = advantage_growth(frame, reference=reference, value=value)
+                if not growth.empty:
+                    sections += [
+                        f"Does {name}'s advantage grow as data shrinks? ({regime}; the advantage is {name} minus the "
+                        "other, growth is the advantage at the smallest size minus at the largest, paired by data set "
+                        "and seed, Wilcoxon signed-rank):",
+                        "",
+                        _md(growth),
+                        "",
+                    ]
     return sections
 
 

@@ -143,6 +143,32 @@ def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
     assert "Does DREG's advantage grow as data shrinks? (clean;" in text
 
 
+def test_the_growth_is_tested_for_every_dreg_strength(tmp_path):
+    """dreg ties none; dreg_auto_r0.1 gains 2 points at 64 per class only (its advantage shrinks with data):
+    each DREG level gets its own growth table, and the two tables say different things."""
+    from hf_dreg.report import advantage_growth
+
+    path = tmp_path / "low_data.jsonl"
+    for seed in range(3):
+        for dataset in ("sst2", "trec6", "ag_news"):
+            for size in ("16", "64"):
+                for reg in ("none", "dreg", "dreg_auto_r0.1"):
+                    gain = 0.02 + 0.001 * seed if (reg == "dreg_auto_r0.1" and size == "64") else 0.0
+                    append_result(path, {
+                        "cell": f"seed={seed}|dataset={dataset}|samples_per_class={size}|regularizer={reg}",
+                        "axes": {"seed": str(seed), "dataset": dataset, "samples_per_class": size, "regularizer": reg},
+                        "metrics": {"eval_accuracy": 0.5 + 0.01 * seed + 0.002 * len(dataset) + gain},
+                    })
+    frame = load_frame(path)
+    acting = advantage_growth(frame, reference="dreg_auto_r0.1")
+    assert acting.loc["none", "growth (pts)"] == -2.1 and acting.loc["none", "p (two-sided)"] < 0.01
+    assert advantage_growth(frame).loc["none", "growth (pts)"] == 0.0
+    text = write_report(path, tmp_path / "report").read_text()
+    table = text.split("Does DREG as `dreg_auto_r0.1`'s advantage grow as data shrinks? (clean;", 1)[1].split("\n\n", 2)[1]
+    none_row = next(line for line in table.splitlines() if line.startswith("| none"))
+    assert "-2.1" in none_row, table
+
+
 def test_the_backend_is_checked_and_the_ray_flags_go_with_ray(monkeypatch, capsys, tmp_path):
     """--backend ray takes --address/--num_cpus/--num_gpus instead of --workers; the local pool stays the default."""
     import runpy
