@@ -151,7 +151,8 @@ def test_lora_model_penalty_from_factors_equals_the_merged_model_and_the_dense_p
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_the_backward_keeps_no_weight_sized_tensor_of_a_lora_layer():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled-region"])
+def test_the_backward_keeps_no_weight_sized_tensor_of_a_lora_layer(fused):
     model = _lora_model("gemma", ["gate_proj", "up_proj"]).to(torch.float32)
     inputs = tiny_inputs(model.base_model.model)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -163,7 +164,7 @@ def test_the_backward_keeps_no_weight_sized_tensor_of_a_lora_layer():
             kept.append(tuple(t.shape))
         return t
 
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, fused=fused)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(**inputs)
