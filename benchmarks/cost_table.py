@@ -82,6 +82,9 @@ def table(data: dict) -> str:
     lines += ["", NOTES]
     if any(not r.get("fused", True) for r in results):
         lines.append("Note: fused kernels unavailable: the DREG numbers are for eager math.")
+    untraceable = sorted({name for r in results for name in r.get("untraceable_regions", [])})
+    if untraceable:
+        lines.append(f"Note: this torch could not trace {', '.join(untraceable)} as one region: those sites ran a simpler route.")
     if any(r.get("recompiles_timed") for r in results):
         lines.append("Note: torch.compile recompiled during the timed steps.")
     return "\n".join(lines)

@@ -494,6 +494,8 @@ def run_shape(
         "compiled_graphs_warmup": graphs_after_warmup - graphs_before,
         "recompiles_timed": recompiled,
         "fused": not _penalty._FUSION_FAILED,
+        # whole-site regions this torch could not trace (their sites ran a simpler route: hf_dreg.penalty._kernel)
+        "untraceable_regions": sorted(fn.__name__ for fn in _penalty._UNTRACEABLE),
     }
 
 

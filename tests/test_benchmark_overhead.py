@@ -29,6 +29,7 @@ def _check_result(result, shape, regularizers, steps):
     assert sorted(result["step_s"]) == sorted(["plain", *regularizers])
     assert all(len(times) == steps for times in result["step_s"].values())
     assert result["fused"] and result["recompiles_timed"] == 0
+    assert result["untraceable_regions"] == []  # torch 2.13 traces every site as one region
     assert len(result["load_before"]) == 3 and len(result["load_after"]) == 3
     rows = result["regularizers"]
     assert list(rows) == regularizers
