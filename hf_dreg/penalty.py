@@ -244,6 +244,12 @@ def _kernel(fn, spec: ActivationSpec, fused: bool, parts=None):
         if not is_dynamo_supported():
             _disable_fusion("torch.compile is not supported on this platform")
             return lambda *args: fn(spec, *args)
+        # A compiled region's backward is compiled lazily, during the first backward, and with donated buffers it
+        # refuses retain_graph=True, which the gradient-ratio measurement and 'auto' need. The setting is global
+        # (read when that backward compiles): it costs other compiled backwards the reuse of their saved buffers.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         _COMPILED[key] = torch.compile(_bound(fn, spec), dynamic=True, fullgraph=True)
     compiled = _COMPILED[key]
 

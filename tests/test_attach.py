@@ -445,3 +445,22 @@ def test_fused_matches_eager(family):
         assert (a is None) == (b is None), name
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale), (name, (a - b).abs().max(), a.abs().max())
+
+
+def test_compiled_sites_can_be_differentiated_twice():
+    """The gradient-ratio measurement and 'auto' take the penalty's gradient with retain_graph=True, then the
+    step's backward runs: a compiled region with donated buffers would refuse the second pass."""
+    model = tiny_model("bert").train()
+    inputs = _inputs(model, "bert")
+    params = [p for p in model.parameters() if p.requires_grad]
+    handle = hf_dreg.attach(model, fused=True)
+    try:
+        model(**inputs)
+        p = handle.penalty()
+        first = torch.autograd.grad(p, params, retain_graph=True, allow_unused=True)
+        p.backward()
+    finally:
+        handle.detach()
+    for a, param in zip(first, params):
+        if a is not None:
+            assert torch.allclose(a, param.grad, rtol=1e-6, atol=1e-9)
