@@ -120,21 +120,30 @@ def test_report_tests_dreg_within_each_activation_and_modality(tmp_path):
     assert "| 95.0 ± 0.0 " in none_row and "| 32.5 ± " in none_row  # gap: 0.95 - mean(0.60..0.65)
 
 
-def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
-    """DREG beats none by 3 points at 16 per class and ties at 64: growth +3, in 9 of 9 pairs."""
-    from hf_dreg.report import advantage_growth
-
+def _write_low_data_runs(tmp_path, regularizers, accuracy):
+    """A low-data sweep's JSONL: 3 seeds x 3 data sets x 16 and 64 per class, ``accuracy(seed, dataset, size, reg)``."""
     path = tmp_path / "low_data.jsonl"
     for seed in range(3):
         for dataset in ("sst2", "trec6", "ag_news"):
             for size in ("16", "64"):
-                for reg in ("none", "weight_decay", "dreg"):
-                    gain = 0.03 + 0.001 * seed if (reg == "dreg" and size == "16") else 0.0
+                for reg in regularizers:
                     append_result(path, {
                         "cell": f"seed={seed}|dataset={dataset}|samples_per_class={size}|regularizer={reg}",
                         "axes": {"seed": str(seed), "dataset": dataset, "samples_per_class": size, "regularizer": reg},
-                        "metrics": {"eval_accuracy": 0.5 + 0.1 * (size == "64") + 0.01 * seed + gain},
+                        "metrics": {"eval_accuracy": accuracy(seed, dataset, size, reg)},
                     })
+    return path
+
+
+def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
+    """DREG beats none by 3 points at 16 per class and ties at 64: growth +3, in 9 of 9 pairs."""
+    from hf_dreg.report import advantage_growth
+
+    def accuracy(seed, dataset, size, reg):
+        gain = 0.03 + 0.001 * seed if (reg == "dreg" and size == "16") else 0.0
+        return 0.5 + 0.1 * (size == "64") + 0.01 * seed + gain
+
+    path = _write_low_data_runs(tmp_path, ("none", "weight_decay", "dreg"), accuracy)
     growth = advantage_growth(load_frame(path))
     assert growth.loc["none", "pairs"] == 9
     assert growth.loc["none", "advantage at 16 (pts)"] == 3.1 and growth.loc["none", "advantage at 64 (pts)"] == 0.0
@@ -148,17 +157,11 @@ def test_the_growth_is_tested_for_every_dreg_strength(tmp_path):
     each DREG level gets its own growth table, and the two tables say different things."""
     from hf_dreg.report import advantage_growth
 
-    path = tmp_path / "low_data.jsonl"
-    for seed in range(3):
-        for dataset in ("sst2", "trec6", "ag_news"):
-            for size in ("16", "64"):
-                for reg in ("none", "dreg", "dreg_auto_r0.1"):
-                    gain = 0.02 + 0.001 * seed if (reg == "dreg_auto_r0.1" and size == "64") else 0.0
-                    append_result(path, {
-                        "cell": f"seed={seed}|dataset={dataset}|samples_per_class={size}|regularizer={reg}",
-                        "axes": {"seed": str(seed), "dataset": dataset, "samples_per_class": size, "regularizer": reg},
-                        "metrics": {"eval_accuracy": 0.5 + 0.01 * seed + 0.002 * len(dataset) + gain},
-                    })
+    def accuracy(seed, dataset, size, reg):
+        gain = 0.02 + 0.001 * seed if (reg == "dreg_auto_r0.1" and size == "64") else 0.0
+        return 0.5 + 0.01 * seed + 0.002 * len(dataset) + gain
+
+    path = _write_low_data_runs(tmp_path, ("none", "dreg", "dreg_auto_r0.1"), accuracy)
     frame = load_frame(path)
     acting = advantage_growth(frame, reference="dreg_auto_r0.1")
     assert acting.loc["none", "growth (pts)"] == -2.1 and acting.loc["none", "p (two-sided)"] < 0.01
