@@ -309,6 +309,50 @@ def ratio_points(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ratio_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Where each regularizer sat: the runs' median gradient ratios (their median and 10-90 % range), one row per level.
+
+    Levels that logged no ratio (weight decay: AdamW's decoupled decay is no loss term) have no row.
+    """
+    points = ratio_points(frame)
+    if points.empty:
+        return pd.DataFrame()
+    grouped = points.groupby("level")["ratio"]
+    return pd.DataFrame({
+        "runs": grouped.size(),
+        "median ratio": grouped.median().map(lambda r: f"{r:.2g}"),
+        "10-90 % of runs": [f"{lo:.2g} - {hi:.2g}" for lo, hi in zip(grouped.quantile(0.1), grouped.quantile(0.9))],
+        "accuracy - plain (pts, mean)": points.groupby("level")["difference"].mean().map(lambda d: f"{d:+.2f}"),
+    })
+
+
+def _ratio_sections(frame: pd.DataFrame) -> list[str]:
+    """The ratio table beside the accuracy-against-ratio plot, and which levels the plot cannot show."""
+    table = ratio_summary(frame)
+    if table.empty:
+        return []
+    plain = {"none", "0"}
+    levels = {str(v) for v in frame["regularizer"].dropna().unique()} - plain
+    missing = sorted(levels - set(ratio_points(frame)["regularizer"].astype(str)))
+    lines = [
+        "## Where each regularizer sat: gradient ratio ||grad lambda*R|| / ||grad task||",
+        "",
+        "Per run, the median of its logged ratios (calibration steps of an 'auto' strength left out); then the median "
+        "and the 10-90 % range over runs, and the mean accuracy difference to plain in the same cell. The plot "
+        "`accuracy_vs_gradient_ratio.png` shows every run.",
+        "",
+        _md(table, disable_numparse=True),  # as formatted: tabulate would strip '+2.00' to '2'
+        "",
+    ]
+    if missing:
+        lines += [
+            f"Not in the table or the plot (no gradient ratio logged): {', '.join(f'`{m}`' for m in missing)}. "
+            "Weight decay has none: AdamW's decoupled decay is not a term of the loss.",
+            "",
+        ]
+    return lines
+
+
 def _plot_accuracy_vs_ratio(frame: pd.DataFrame, folder: Path) -> str | None:
     """Accuracy minus plain's (same cell) against the run's median gradient ratio, one colour per regularizer."""
     values = [("accuracy", "clean")] + ([("noisy_accuracy", "noisy inputs")] if frame["noisy_accuracy"].notna().any() else [])
@@ -394,8 +438,8 @@ def ratio_table(frame: pd.DataFrame) -> pd.DataFrame:
 # ---- the report --------------------------------------------------------------------------------
 
 
-def _md(table: pd.DataFrame) -> str:
-    return table.to_markdown() if not table.empty else "_no data_"
+def _md(table: pd.DataFrame, **tabulate) -> str:
+    return table.to_markdown(**tabulate) if not table.empty else "_no data_"
 
 
 def _subset_sections(frame: pd.DataFrame) -> list[str]:
@@ -494,6 +538,8 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
         _plot_accuracy_vs_ratio(frame, folder),
     ]
     sections += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
+    if frame["regularizer"].nunique() > 1:
+        sections += _ratio_sections(frame)
     if not layers.empty:
         sections += ["## Per-layer DREG value at the end of training", "", _md(layers.round(5)), ""]
     path = folder / "REPORT.md"

@@ -230,8 +230,20 @@ def test_accuracy_against_gradient_ratio_pairs_each_run_with_plain_in_its_cell(t
     assert dreg["ratio"].tolist() == [0.1] * 6 and dreg["difference"].round(6).tolist() == [2.0] * 6
     spectral = points[points["regularizer"] == "spectral_norm"]
     assert spectral["ratio"].tolist() == [0.01] * 6 and spectral["difference"].round(6).tolist() == [-1.0] * 6
+    append_result(path, {  # weight decay logs no ratio: named as missing, not plotted
+        "cell": "seed=0|dataset=mnist|regularizer=weight_decay",
+        "axes": {"seed": "0", "dataset": "mnist", "regularizer": "weight_decay"},
+        "metrics": {"eval_accuracy": 0.5},
+    })
     text = write_report(path, tmp_path / "report").read_text()
     assert "![accuracy_vs_gradient_ratio.png](accuracy_vs_gradient_ratio.png)" in text
+    table = text.split("## Where each regularizer sat", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| level")}
+    assert rows["dreg"] == ["6", "0.1", "0.1 - 0.1", "+2.00"]
+    assert rows["spectral_norm"] == ["6", "0.01", "0.01 - 0.01", "-1.00"]
+    assert rows["dreg_auto"][:2] == ["3", "0.03"]  # the drift between calibrations, not the target 0.1
+    assert "no gradient ratio logged): `weight_decay`" in table
     assert (tmp_path / "report" / "accuracy_vs_gradient_ratio.png").stat().st_size > 0
 
 
