@@ -68,11 +68,12 @@ def pair_axes(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in _NOT_AXES]
 
 
-def paired(frame: pd.DataFrame, value: str = "accuracy", axis: str = "regularizer") -> pd.DataFrame:
-    """Cells (rows) x levels of ``axis`` (columns) of ``value``, only cells where every level finished."""
+def paired(frame: pd.DataFrame, value: str = "accuracy", axis: str = "regularizer", complete: bool = True) -> pd.DataFrame:
+    """Cells (rows) x levels of ``axis`` (columns) of ``value``: only cells where every level finished, or with
+    ``complete=False`` every cell (missing runs NaN), for comparisons that pair two levels at a time."""
     others = [c for c in pair_axes(frame) if c != axis]
     wide = frame.pivot_table(index=others, columns=axis, values=value, aggfunc="first")
-    return wide.dropna()
+    return wide.dropna() if complete else wide
 
 
 def _signed_rank_p(diff: pd.Series) -> float:
@@ -85,16 +86,19 @@ def _signed_rank_p(diff: pd.Series) -> float:
 def wilcoxon_against(frame: pd.DataFrame, reference: str = "dreg", value: str = "accuracy", axis: str = "regularizer") -> pd.DataFrame:
     """Wilcoxon signed-rank test of ``reference`` against each other level of ``axis``, paired by cell.
 
-    Positive differences mean ``reference`` scored higher.
+    Positive differences mean ``reference`` scored higher. Each pair of levels is tested on the cells where
+    both finished, so a level run on fewer seeds (a partial sweep) does not shrink the other comparisons.
     """
-    wide = paired(frame, value, axis)
+    wide = paired(frame, value, axis, complete=False)
     rows = []
     if reference not in wide:
         return pd.DataFrame(rows)
     for other in wide.columns:
         if other == reference:
             continue
-        diff = wide[reference] - wide[other]
+        diff = (wide[reference] - wide[other]).dropna()
+        if diff.empty:
+            continue
         rows.append(
             {
                 "against": other,
@@ -137,7 +141,7 @@ def advantage_growth(
     at the smallest size minus the advantage at the largest, tested by Wilcoxon signed-rank against 0.
     Positive growth means the advantage is larger with less data.
     """
-    wide = paired(frame, value)
+    wide = paired(frame, value, complete=False)  # each comparison on the cells where both levels finished
     if reference not in wide or size not in wide.index.names:
         return pd.DataFrame()
     levels = sorted(wide.index.get_level_values(size).unique(), key=float)
@@ -150,6 +154,8 @@ def advantage_growth(
             continue
         by_size = (wide[reference] - wide[other]).unstack(size)[[small, large]].dropna()
         growth = by_size[small] - by_size[large]
+        if growth.empty:
+            continue
         rows.append(
             {
                 "against": other,

@@ -278,3 +278,31 @@ def test_report_tests_every_dreg_strength_against_every_regularizer(tmp_path):
     jacobian_row = next(line for line in section.splitlines() if line.startswith("| jacobian_auto_r0.1"))
     assert [c.strip() for c in jacobian_row.strip("|").split("|")][2] == "1.15"
     assert "## DREG as `dreg` against" not in text  # the level dreg has its own section above
+
+
+def test_a_level_run_on_fewer_seeds_does_not_shrink_the_other_comparisons(tmp_path):
+    """A partial sweep: jacobian_auto_r0.1 has seed 0 only. DREG against none still pairs all 5 seeds (and the
+    growth test too); DREG against jacobian_auto_r0.1 pairs the cells where both ran."""
+    from hf_dreg.report import advantage_growth
+
+    path = tmp_path / "partial.jsonl"
+    for seed in range(5):
+        for dataset in ("sst2", "trec6"):
+            for size in ("16", "64"):
+                for reg in ("none", "dreg", "jacobian_auto_r0.1"):
+                    if reg == "jacobian_auto_r0.1" and seed > 0:
+                        continue
+                    gain = {"none": 0.0, "dreg": 0.01 + 0.001 * seed + 0.01 * (size == "16"), "jacobian_auto_r0.1": 0.05}[reg]
+                    append_result(path, {
+                        "cell": f"seed={seed}|dataset={dataset}|samples_per_class={size}|regularizer={reg}",
+                        "axes": {"seed": str(seed), "dataset": dataset, "samples_per_class": size, "regularizer": reg},
+                        "metrics": {"eval_accuracy": 0.5 + 0.02 * seed + gain},
+                    })
+    frame = load_frame(path)
+    tests = wilcoxon_against(frame)
+    assert tests.loc["none", "pairs"] == 20 and tests.loc["none", "wins"] == 20
+    assert tests.loc["jacobian_auto_r0.1", "pairs"] == 4 and tests.loc["jacobian_auto_r0.1", "losses"] == 4
+    growth = advantage_growth(frame)
+    assert growth.loc["none", "pairs"] == 10 and growth.loc["none", "growth (pts)"] == 1.0
+    assert growth.loc["jacobian_auto_r0.1", "pairs"] == 2
+
