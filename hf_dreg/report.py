@@ -448,11 +448,21 @@ def _md(table: pd.DataFrame, **tabulate) -> str:
     return table.to_markdown(**tabulate) if not table.empty else "_no data_"
 
 
+def partial_levels(frame: pd.DataFrame, axis: str = "regularizer") -> list[str]:
+    """Levels of ``axis`` with fewer finished runs than the most complete level (a sweep stopped part-way)."""
+    counts = frame.groupby(axis).size()
+    return sorted(str(level) for level in counts[counts < counts.max()].index)
+
+
 def _subset_sections(frame: pd.DataFrame) -> list[str]:
-    """DREG against each regularizer and the ranks within each activation, modality and training size."""
+    """DREG against each regularizer and the ranks within each activation, modality and training size.
+
+    The ranks leave out the partial levels (ranks need every level in a cell); the paired tests keep them.
+    """
     sections = []
     if "hidden_act" in frame and frame["hidden_act"].nunique() > 1 and frame["modality"].nunique() > 1:
         frame = frame.assign(activation_modality=frame["hidden_act"] + " / " + frame["modality"])
+    ranked = frame[~frame["regularizer"].astype(str).isin(partial_levels(frame))]
     values = [("accuracy", "clean")] + ([("noisy_accuracy", "noisy inputs")] if frame["noisy_accuracy"].notna().any() else [])
     axes = (
         ("hidden_act", "activation"),
@@ -468,7 +478,7 @@ def _subset_sections(frame: pd.DataFrame) -> list[str]:
             tests = wilcoxon_by(frame, axis, value=value)
             if not tests.empty:
                 sections += [f"DREG minus each regularizer, {regime} (points, Wilcoxon p, pairs):", "", _md(tests), ""]
-            sections += [f"Mean ranks, {regime}:", "", _md(ranks_by(frame, axis, value)), ""]
+            sections += [f"Mean ranks, {regime}:", "", _md(ranks_by(ranked, axis, value)), ""]
     if "samples_per_class" in frame and frame["samples_per_class"].nunique() > 1:
         for reference in ["dreg", *dreg_levels(frame)]:  # the seed's strength, then each acting one (dreg_auto_r0.1, ...)
             name = "DREG" if reference == "dreg" else f"DREG as `{reference}`"
@@ -529,11 +539,21 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
             if frame["noisy_accuracy"].notna().any():
                 sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, reference=level, value="noisy_accuracy")), ""]
     rank_axis = "strength" if "strength" in frame and frame["regularizer"].nunique() == 1 else "regularizer"
-    ranks = mean_ranks(frame, axis=rank_axis)
+    partial = partial_levels(frame, rank_axis)
+    ranked = frame[~frame[rank_axis].astype(str).isin(partial)]
+    ranks = mean_ranks(ranked, axis=rank_axis)
     rank_table = ranks.rename("clean").to_frame()
     if frame["noisy_accuracy"].notna().any():
-        rank_table["noisy inputs"] = mean_ranks(frame, "noisy_accuracy", axis=rank_axis)
-    sections += ["## Mean ranks (1 = best)", "", _md(rank_table.round(2)), ""]
+        rank_table["noisy inputs"] = mean_ranks(ranked, "noisy_accuracy", axis=rank_axis)
+    sections += ["## Mean ranks (1 = best)", ""]
+    if partial:
+        sections += [
+            f"Over the {len(paired(ranked, axis=rank_axis))} cells where every level finished, leaving out the levels "
+            f"that have fewer runs than the others: {', '.join(f'`{p}`' for p in partial)} (their paired tests are "
+            "above, on the cells where they ran).",
+            "",
+        ]
+    sections += [_md(rank_table.round(2)), ""]
     if frame["regularizer"].nunique() > 1:
         sections += _subset_sections(frame)
     layers = per_layer_dreg(frame, rank_axis)

@@ -305,4 +305,10 @@ def test_a_level_run_on_fewer_seeds_does_not_shrink_the_other_comparisons(tmp_pa
     growth = advantage_growth(frame)
     assert growth.loc["none", "pairs"] == 10 and growth.loc["none", "growth (pts)"] == 1.0
     assert growth.loc["jacobian_auto_r0.1", "pairs"] == 2
+    text = write_report(path, tmp_path / "report").read_text()
+    ranks = text.split("## Mean ranks (1 = best)", 1)[1].split("\n## ", 1)[0]
+    assert "Over the 20 cells where every level finished" in ranks and "`jacobian_auto_r0.1`" in ranks
+    rows = {line.split("|")[1].strip(): line for line in ranks.splitlines() if line.startswith("| ")}
+    assert "dreg" in rows and "none" in rows and "jacobian_auto_r0.1" not in rows
+    assert rows["dreg"].split("|")[2].strip() == "1"  # dreg beats none in all 20 cells
 
