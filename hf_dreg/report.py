@@ -449,9 +449,10 @@ def _md(table: pd.DataFrame, **tabulate) -> str:
 
 
 def partial_levels(frame: pd.DataFrame, axis: str = "regularizer") -> list[str]:
-    """Levels of ``axis`` with fewer finished runs than the most complete level (a sweep stopped part-way)."""
+    """Levels of ``axis`` with at most half the finished runs of the most complete level (a sweep stopped part-way
+    through them). A level missing a few runs stays: the ranks then drop those cells instead."""
     counts = frame.groupby(axis).size()
-    return sorted(str(level) for level in counts[counts < counts.max()].index)
+    return sorted(str(level) for level in counts[counts <= counts.max() / 2].index)
 
 
 def _subset_sections(frame: pd.DataFrame) -> list[str]:
@@ -549,7 +550,7 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
     if partial:
         sections += [
             f"Over the {len(paired(ranked, axis=rank_axis))} cells where every level finished, leaving out the levels "
-            f"that have fewer runs than the others: {', '.join(f'`{p}`' for p in partial)} (their paired tests are "
+            f"with at most half the runs of the others: {', '.join(f'`{p}`' for p in partial)} (their paired tests are "
             "above, on the cells where they ran).",
             "",
         ]

@@ -283,7 +283,7 @@ def test_report_tests_every_dreg_strength_against_every_regularizer(tmp_path):
 def test_a_level_run_on_fewer_seeds_does_not_shrink_the_other_comparisons(tmp_path):
     """A partial sweep: jacobian_auto_r0.1 has seed 0 only. DREG against none still pairs all 5 seeds (and the
     growth test too); DREG against jacobian_auto_r0.1 pairs the cells where both ran."""
-    from hf_dreg.report import advantage_growth
+    from hf_dreg.report import advantage_growth, partial_levels
 
     path = tmp_path / "partial.jsonl"
     for seed in range(5):
@@ -308,6 +308,7 @@ def test_a_level_run_on_fewer_seeds_does_not_shrink_the_other_comparisons(tmp_pa
     text = write_report(path, tmp_path / "report").read_text()
     ranks = text.split("## Mean ranks (1 = best)", 1)[1].split("\n## ", 1)[0]
     assert "Over the 20 cells where every level finished" in ranks and "`jacobian_auto_r0.1`" in ranks
+    assert partial_levels(frame.drop(index=frame.index[0])) == ["jacobian_auto_r0.1"]  # one crashed run evicts no level
     rows = {line.split("|")[1].strip(): line for line in ranks.splitlines() if line.startswith("| ")}
     assert "dreg" in rows and "none" in rows and "jacobian_auto_r0.1" not in rows
     assert rows["dreg"].split("|")[2].strip() == "1"  # dreg beats none in all 20 cells
