@@ -315,12 +315,12 @@ def ratio_points(frame: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ratio_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Where each regularizer sat: the runs' median gradient ratios (their median and 10-90 % range), one row per level.
+def ratio_summary(points: pd.DataFrame) -> pd.DataFrame:
+    """Where each regularizer sat, from ``ratio_points``: the runs' median gradient ratios (their median and
+    10-90 % range) and accuracy minus plain, one row per level.
 
     Levels that logged no ratio (weight decay: AdamW's decoupled decay is no loss term) have no row.
     """
-    points = ratio_points(frame)
     if points.empty:
         return pd.DataFrame()
     grouped = points.groupby("level")["ratio"]
@@ -334,12 +334,13 @@ def ratio_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _ratio_sections(frame: pd.DataFrame) -> list[str]:
     """The ratio table beside the accuracy-against-ratio plot, and which levels the plot cannot show."""
-    table = ratio_summary(frame)
+    points = ratio_points(frame)
+    table = ratio_summary(points)
     if table.empty:
         return []
     plain = {"none", "0"}
     levels = {str(v) for v in frame["regularizer"].dropna().unique()} - plain
-    missing = sorted(levels - set(ratio_points(frame)["regularizer"].astype(str)))
+    missing = sorted(levels - set(points["regularizer"].astype(str)))
     lines = [
         "## Where each regularizer sat: gradient ratio ||grad lambda*R|| / ||grad task||",
         "",
@@ -455,6 +456,12 @@ def partial_levels(frame: pd.DataFrame, axis: str = "regularizer") -> list[str]:
     return sorted(str(level) for level in counts[counts <= counts.max() / 2].index)
 
 
+def _without_partial_levels(frame: pd.DataFrame, axis: str = "regularizer") -> tuple[pd.DataFrame, list[str]]:
+    """The runs to rank (ranks need every level in a cell) and the partial levels left out of them."""
+    partial = partial_levels(frame, axis)
+    return frame[~frame[axis].astype(str).isin(partial)], partial
+
+
 def _subset_sections(frame: pd.DataFrame) -> list[str]:
     """DREG against each regularizer and the ranks within each activation, modality and training size.
 
@@ -463,7 +470,7 @@ def _subset_sections(frame: pd.DataFrame) -> list[str]:
     sections = []
     if "hidden_act" in frame and frame["hidden_act"].nunique() > 1 and frame["modality"].nunique() > 1:
         frame = frame.assign(activation_modality=frame["hidden_act"] + " / " + frame["modality"])
-    ranked = frame[~frame["regularizer"].astype(str).isin(partial_levels(frame))]
+    ranked, _ = _without_partial_levels(frame)
     values = [("accuracy", "clean")] + ([("noisy_accuracy", "noisy inputs")] if frame["noisy_accuracy"].notna().any() else [])
     axes = (
         ("hidden_act", "activation"),
@@ -540,8 +547,7 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
             if frame["noisy_accuracy"].notna().any():
                 sections += ["### On noisy evaluation inputs", "", _md(wilcoxon_against(frame, reference=level, value="noisy_accuracy")), ""]
     rank_axis = "strength" if "strength" in frame and frame["regularizer"].nunique() == 1 else "regularizer"
-    partial = partial_levels(frame, rank_axis)
-    ranked = frame[~frame[rank_axis].astype(str).isin(partial)]
+    ranked, partial = _without_partial_levels(frame, rank_axis)
     ranks = mean_ranks(ranked, axis=rank_axis)
     rank_table = ranks.rename("clean").to_frame()
     if frame["noisy_accuracy"].notna().any():
