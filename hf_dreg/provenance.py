@@ -12,7 +12,7 @@ def code_revision(folder: str | None = None) -> dict:
     """``{"commit": sha or None, "dirty": bool or None}`` of the repository hf_dreg is imported from.
 
     ``dirty`` is True when tracked files differ from the commit (untracked files do not count, nor files
-    under the repository's ``results/``: a sweep appends to its tracked results while it runs). Both
+    under the repository's ``study/results/``: a sweep appends to its tracked results while it runs). Both
     are None for an installed (non-git) copy of the package. Read once per process. ``folder``: another
     source folder to ask about (default: hf_dreg's own).
     """
@@ -23,7 +23,7 @@ def code_revision(folder: str | None = None) -> dict:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results").strip())
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)study/results").strip())
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}

@@ -1,4 +1,4 @@
-"""The baseline selection (hf_dreg.baselines): it never reads the evaluation data, its validation split is
+"""The baseline selection (study.baselines): it never reads the evaluation data, its validation split is
 carved stratified from the training pool and disjoint from the training subset, which is the factorial's own."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 from datasets import Dataset
 
 import hf_dreg.data as data_module
-from hf_dreg.baselines import SelectionConfig, carve_validation, choose, run_selection, selection_splits
+from study.baselines import SelectionConfig, carve_validation, choose, run_selection, selection_splits
 from hf_dreg.data import select_samples_per_class
 from hf_dreg.finetune import DataArguments
 
@@ -150,11 +150,11 @@ def test_competent_config_cells_parse():
 
     from hf_dreg.args import DREGTrainingArguments
     from hf_dreg.models import ModelArguments
-    from hf_dreg.sweep import SweepConfig, expand_grid
+    from study.sweep import SweepConfig, expand_grid
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "sweep_competent.yaml"
+    path = Path(__file__).resolve().parents[1] / "study" / "configs" / "sweep_competent.yaml"
     if not path.is_file():
-        pytest.skip("configs/sweep_competent.yaml not generated yet")
+        pytest.skip("study/configs/sweep_competent.yaml not generated yet")
     config = SweepConfig.from_yaml(path)
     seen = set()
     parser = HfArgumentParser((ModelArguments, DataArguments, DREGTrainingArguments))
@@ -173,7 +173,7 @@ def test_competent_config_cells_parse():
 
 def test_measured_cost_plans_with_the_factorial_s_own_runs(tmp_path):
     """The factorial's measured wall time replaces the estimate of the data sets it has run."""
-    from hf_dreg import baselines_report as br
+    from study import baselines_report as br
     from hf_dreg.results_store import append_result
 
     path = tmp_path / "results.jsonl"

@@ -1,5 +1,5 @@
-"""benchmarks/overhead.py, cost_table.py and gpu_cost.sh run end to end on tiny shapes (no timing assertion),
-and the README's cost table is the one cost_table.py makes from results/cost/overhead.json."""
+"""study/benchmarks/overhead.py, cost_table.py and gpu_cost.sh run end to end on tiny shapes (no timing assertion),
+and the README's cost table is the one cost_table.py makes from study/results/cost/overhead.json."""
 
 import importlib.util
 import json
@@ -16,8 +16,8 @@ REGULARIZERS = ["none", "weight_decay", "spectral_norm", "igpen", "jacobian", "d
 
 
 def _load(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    sys.path.insert(0, str(ROOT / "study" / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "study" / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -79,19 +79,19 @@ def test_shapes_and_sizes_are_parsed():
 
 def test_readme_cost_table_is_the_one_made_from_the_results():
     cost_table = _load("cost_table")
-    sources = [ROOT / "results" / "cost" / "overhead.json"]
+    sources = [ROOT / "study" / "results" / "cost" / "overhead.json"]
     expected = cost_table.table(cost_table.merge(sources))
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Cost\n", 1)[1].split("\n## ", 1)[0]
     table_lines = [line for line in expected.splitlines() if line.startswith("|")]
-    assert "\n".join(table_lines) in section, "regenerate with: python benchmarks/cost_table.py results/cost/overhead.json"
+    assert "\n".join(table_lines) in section, "regenerate with: python study/benchmarks/cost_table.py study/results/cost/overhead.json"
 
 
 def test_gpu_cost_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
-    """benchmarks/gpu_cost.sh, with its device and shapes overridden: bf16 weights on the CPU, JSON and table."""
+    """study/benchmarks/gpu_cost.sh, with its device and shapes overridden: bf16 weights on the CPU, JSON and table."""
     env = {**os.environ, "OUT": str(tmp_path), "DREG_COST_DEVICE": "cpu", "DREG_COST_SHAPES": "gemma2-tiny-lora:2x8",
            "DREG_COST_STEPS": "1", "DREG_COST_WARMUP": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_cost.sh"), "--no-rss"], env=env, capture_output=True,
+    done = subprocess.run(["bash", str(ROOT / "study" / "benchmarks" / "gpu_cost.sh"), "--no-rss"], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     data = json.loads((tmp_path / "gpu_cost.json").read_text())
@@ -107,7 +107,7 @@ def test_gpu_cost_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
 @pytest.mark.slow
 def test_overhead_benchmark_prints_a_row_per_regularizer(tmp_path):
     output = tmp_path / "overhead.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--shapes", "tiny:4x16,gemma2-tiny", "--steps", "2",
+    cmd = [sys.executable, str(ROOT / "study" / "benchmarks" / "overhead.py"), "--shapes", "tiny:4x16,gemma2-tiny", "--steps", "2",
            "--warmup", "1", "--threads", "1", "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
@@ -134,13 +134,13 @@ def test_overhead_benchmark_prints_a_row_per_regularizer(tmp_path):
 
 
 def test_overhead_benchmark_rejects_an_unknown_regularizer(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--shapes", "tiny", "--regularizers", "dropout"]
+    cmd = [sys.executable, str(ROOT / "study" / "benchmarks" / "overhead.py"), "--shapes", "tiny", "--regularizers", "dropout"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "unknown regularizer(s) ['dropout']" in done.stderr
 
 
 def test_profile_step_counts_what_dreg_adds_to_the_plain_step(tmp_path):
-    """benchmarks/profile_step.py on the CPU: DREG's variants add operators to the plain step (its own
+    """study/benchmarks/profile_step.py on the CPU: DREG's variants add operators to the plain step (its own
     fused kernels: dynamo-compiled regions; eager: more elementwise operators than fused), and the JSON
     and text reports are written."""
     profile_step = _load("profile_step")

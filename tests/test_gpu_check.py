@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py runs here too: its bf16 check on the CPU (autocast bf16), FSDP/DDP skipped with a reason."""
+"""study/benchmarks/gpu_check.py runs here too: its bf16 check on the CPU (autocast bf16), FSDP/DDP skipped with a reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "study" / "benchmarks" / "gpu_check.py"
 
 
 def _load():
@@ -19,7 +19,7 @@ def _load():
 
 
 def test_gpu_check_runs_its_cpu_part_and_writes_json(tmp_path):
-    pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present: run benchmarks/gpu_check.sh instead")
+    pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present: run study/benchmarks/gpu_check.sh instead")
     report = _load().main(["--out", str(tmp_path), "--checks", "bf16,fsdp"])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
     bf16 = report["bf16"]

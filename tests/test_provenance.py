@@ -23,7 +23,7 @@ def test_commit_and_dirty_flag_of_this_checkout():
         pytest.skip("not a git checkout")
     revision = code_revision.__wrapped__()
     assert revision["commit"] == head
-    changed = [line for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if not line[3:].startswith("results/")]
+    changed = [line for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if not line[3:].startswith("study/results/")]
     assert revision["dirty"] == bool(changed)
 
 
@@ -36,11 +36,11 @@ def test_a_changed_tracked_file_makes_the_tree_dirty(tmp_path):
     assert clean == {"commit": _git("rev-parse", "HEAD", cwd=tmp_path), "dirty": False}
     (tmp_path / "untracked.py").write_text("y = 2\n")
     assert code_revision.__wrapped__(str(tmp_path))["dirty"] is False  # untracked files do not count
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "r.jsonl").write_text("{}\n")
-    _git("add", "results/r.jsonl", cwd=tmp_path)
+    (tmp_path / "study" / "results").mkdir(parents=True)
+    (tmp_path / "study" / "results" / "r.jsonl").write_text("{}\n")
+    _git("add", "study/results/r.jsonl", cwd=tmp_path)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two", cwd=tmp_path)
-    with open(tmp_path / "results" / "r.jsonl", "a") as f:
+    with open(tmp_path / "study" / "results" / "r.jsonl", "a") as f:
         f.write("{}\n")  # a sweep appending to its tracked results
     assert code_revision.__wrapped__(str(tmp_path))["dirty"] is False
     (tmp_path / "a.py").write_text("x = 2\n")
@@ -52,7 +52,7 @@ def test_outside_git_both_are_unknown(tmp_path):
 
 
 def test_sweep_records_carry_the_revision():
-    from hf_dreg.sweep import versions
+    from study.sweep import versions
 
     record = versions()
     assert {"commit", "dirty"} <= set(record) and record["commit"] == code_revision()["commit"]

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from hf_dreg.report import load_frame, wilcoxon_against, write_report
+from study.report import load_frame, wilcoxon_against, write_report
 from hf_dreg.results_store import append_result, read_results
-from hf_dreg.sweep import SweepConfig, expand_grid, run_sweep, select_shard
+from study.sweep import SweepConfig, expand_grid, run_sweep, select_shard
 
 
 @pytest.fixture
 def tiny_config(shared_data, tmp_path):
-    config = SweepConfig.from_yaml("configs/sweep_tiny.yaml")
+    config = SweepConfig.from_yaml("study/configs/sweep_tiny.yaml")
     config.base["data_dir"] = str(shared_data / "sst2")
     config.results = str(tmp_path / "results.jsonl")
     return config
@@ -91,7 +91,7 @@ def test_report_of_a_strength_sweep_tests_every_strength_against_plain(tmp_path)
 
 def test_report_tests_dreg_within_each_activation_and_modality(tmp_path):
     """DREG helps under gelu only here: the per-activation table must show it, and the modality split both."""
-    from hf_dreg.report import ranks_by, wilcoxon_by
+    from study.report import ranks_by, wilcoxon_by
 
     path = tmp_path / "paper.jsonl"
     for seed in range(6):
@@ -137,7 +137,7 @@ def _write_low_data_runs(tmp_path, regularizers, accuracy):
 
 def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
     """DREG beats none by 3 points at 16 per class and ties at 64: growth +3, in 9 of 9 pairs."""
-    from hf_dreg.report import advantage_growth
+    from study.report import advantage_growth
 
     def accuracy(seed, dataset, size, reg):
         gain = 0.03 + 0.001 * seed if (reg == "dreg" and size == "16") else 0.0
@@ -155,7 +155,7 @@ def test_report_tests_whether_the_advantage_grows_as_data_shrinks(tmp_path):
 def test_the_growth_is_tested_for_every_dreg_strength(tmp_path):
     """dreg ties none; dreg_auto_r0.1 gains 2 points at 64 per class only (its advantage shrinks with data):
     each DREG level gets its own growth table, and the two tables say different things."""
-    from hf_dreg.report import advantage_growth
+    from study.report import advantage_growth
 
     def accuracy(seed, dataset, size, reg):
         gain = 0.02 + 0.001 * seed if (reg == "dreg_auto_r0.1" and size == "64") else 0.0
@@ -187,7 +187,7 @@ def test_the_backend_is_checked_and_the_ray_flags_go_with_ray(monkeypatch, capsy
 
     def script(*flags):
         monkeypatch.setattr("sys.argv", ["sweep.py", str(path), *flags])
-        runpy.run_path("scripts/sweep.py", run_name="__main__")
+        runpy.run_module("study.sweep", run_name="__main__")
 
     for flags, message in ((["--backend", "ray", "--workers", "2"], "--workers is for the local backend"),
                            (["--num_gpus", "1"], "--address and --num_gpus are for --backend ray")):  # fmt: skip
@@ -200,7 +200,7 @@ def test_the_backend_is_checked_and_the_ray_flags_go_with_ray(monkeypatch, capsy
 
 def test_accuracy_against_gradient_ratio_pairs_each_run_with_plain_in_its_cell(tmp_path):
     """Made-up runs: dreg's ratio is 0.1 (accuracy +2 points over none in its cell), spectral norm's 0.01 (-1)."""
-    from hf_dreg.report import ratio_points
+    from study.report import ratio_points
 
     path = tmp_path / "ratios.jsonl"
     for seed in range(3):
@@ -249,9 +249,9 @@ def test_accuracy_against_gradient_ratio_pairs_each_run_with_plain_in_its_cell(t
 
 def test_a_sweep_line_keeps_every_calibration_of_an_auto_strength(shared_data):
     """dreg_lambda auto re-calibrated every 2 of 4 steps: the line holds the calibrations at steps 0 and 2."""
-    from hf_dreg.sweep import Cell, run_cell
+    from study.sweep import Cell, run_cell
 
-    flags = {**SweepConfig.from_yaml("configs/sweep_tiny.yaml").base, "data_dir": str(shared_data / "sst2"), "samples_per_class": 4,
+    flags = {**SweepConfig.from_yaml("study/configs/sweep_tiny.yaml").base, "data_dir": str(shared_data / "sst2"), "samples_per_class": 4,
              "max_steps": 4, "regularizer": "dreg", "dreg_lambda": "auto", "dreg_target_ratio": 0.1, "dreg_recalibrate_steps": 2}
     record = run_cell(Cell(key=(("regularizer", "dreg_auto"),), flags=flags))
     assert [step for step, _ in record["reg_lambdas"]] == [0, 2]
@@ -283,7 +283,7 @@ def test_report_tests_every_dreg_strength_against_every_regularizer(tmp_path):
 def test_a_level_run_on_fewer_seeds_does_not_shrink_the_other_comparisons(tmp_path):
     """A partial sweep: jacobian_auto_r0.1 has seed 0 only. DREG against none still pairs all 5 seeds (and the
     growth test too); DREG against jacobian_auto_r0.1 pairs the cells where both ran."""
-    from hf_dreg.report import advantage_growth, partial_levels
+    from study.report import advantage_growth, partial_levels
 
     path = tmp_path / "partial.jsonl"
     for seed in range(5):

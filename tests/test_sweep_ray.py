@@ -1,4 +1,4 @@
-"""Sweeps on Ray (scripts/sweep.py --backend ray): the same results as the local pool, resumable.
+"""Sweeps on Ray (study/sweep.py --backend ray): the same results as the local pool, resumable.
 
 Slow (a local Ray instance takes ~20 s to start) and skipped without ray (not in the test extra):
     pip install "hf_dreg[ray]" && HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/test_sweep_ray.py
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from hf_dreg.results_store import read_results
-from hf_dreg.sweep import SweepConfig, expand_grid, run_sweep
+from study.sweep import SweepConfig, expand_grid, run_sweep
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -34,7 +34,7 @@ def _content(path) -> dict[str, dict]:
 
 @pytest.fixture
 def tiny_config(shared_data, tmp_path):
-    config = SweepConfig.from_yaml("configs/sweep_tiny.yaml")
+    config = SweepConfig.from_yaml("study/configs/sweep_tiny.yaml")
     config.base["data_dir"] = str(shared_data / "sst2")
     config.grid["samples_per_class"] = [4]  # 4 cells: none/dreg x seeds 0/1
     return config

@@ -1,8 +1,8 @@
 """Where the time of a DREG training step goes, against the plain step: a diagnostic for the GPU machine.
 
-    python benchmarks/profile_step.py --device cuda --dtype bfloat16 --shapes base:32x128 --out DIR
+    python study/benchmarks/profile_step.py --device cuda --dtype bfloat16 --shapes base:32x128 --out DIR
 
-For each shape it builds identical models (``benchmarks/overhead.py``'s), trained plain, with DREG's
+For each shape it builds identical models (``study/benchmarks/overhead.py``'s), trained plain, with DREG's
 fused kernels and with DREG's eager math, and:
 
 - times them, interleaved (median step time / plain, as overhead.py does);
@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import overhead  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""The README's cost table, in Markdown, from the JSON that benchmarks/overhead.py writes.
+"""The README's cost table, in Markdown, from the JSON that study/benchmarks/overhead.py writes.
 
-    python benchmarks/cost_table.py results/cost/overhead.json [more.json ...]
+    python study/benchmarks/cost_table.py study/results/cost/overhead.json [more.json ...]
 
 Only ratios against plain training are printed (time, CPU time, memory): absolute times depend on the
 machine and on what else runs on it. Each shape's line gives its 1-minute load average before and after

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """Choose competent plain baselines on a validation split carved from the training pool (never the test set).
 
-    python scripts/select_baselines.py configs/select_baselines.yaml [--datasets mnist cifar10] [--settings NAME ...]
-    python scripts/select_baselines.py configs/select_baselines.yaml --logreg    # the pixel logistic-regression reference
-    python scripts/select_baselines.py configs/select_baselines.yaml --report    # REPORT.md + the factorial config
+    python -m study.select_baselines study/configs/select_baselines.yaml [--datasets mnist cifar10] [--settings NAME ...]
+    python -m study.select_baselines study/configs/select_baselines.yaml --logreg    # the pixel logistic-regression reference
+    python -m study.select_baselines study/configs/select_baselines.yaml --report    # REPORT.md + the factorial config
 
-Resumable: cells already in the results JSONL are skipped. One thread per run. See hf_dreg/baselines.py.
+Resumable: cells already in the results JSONL are skipped. One thread per run. See study/baselines.py.
 """
 
 import argparse
 
-from hf_dreg.baselines import SelectionConfig, run_selection
+from .baselines import SelectionConfig, run_selection
 
 
 def main():
@@ -30,12 +30,12 @@ def main():
             print(cell.id)
         return
     if args.logreg:
-        from hf_dreg.baselines_report import logreg_references
+        from .baselines_report import logreg_references
 
         print(logreg_references(config))
         return
     if args.report:
-        from hf_dreg.baselines_report import write_outputs
+        from .baselines_report import write_outputs
 
         for path in write_outputs(config):
             print(path)

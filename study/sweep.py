@@ -16,6 +16,7 @@ raised together at the end.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import platform
@@ -29,7 +30,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from .results_store import append_result, read_results
+from hf_dreg.results_store import append_result, read_results
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,13 @@ def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]
 
 
 def versions() -> dict:
-    from .provenance import code_revision
+    from hf_dreg.provenance import code_revision
 
     import datasets
     import torch
     import transformers
 
-    from . import __version__
+    from hf_dreg import __version__
 
     return {
         "hf_dreg": __version__,
@@ -119,9 +120,9 @@ def run_cell(cell: Cell, threads: int | None = None) -> dict:
     from transformers import HfArgumentParser
     from transformers.utils import logging as hf_logging
 
-    from .args import DREGTrainingArguments
-    from .finetune import DataArguments, run_classification
-    from .models import ModelArguments
+    from hf_dreg.args import DREGTrainingArguments
+    from hf_dreg.finetune import DataArguments, run_classification
+    from hf_dreg.models import ModelArguments
 
     if threads:
         torch.set_num_threads(threads)
@@ -251,3 +252,45 @@ def run_sweep(
     finally:
         bar.close()
     return written
+
+
+USAGE = """Run a factorial sweep: python -m study.sweep study/configs/sweep_low_data.yaml [--workers 2] [--shard 0/4]
+
+Resumable (finished cells in the results JSONL are skipped); run it from the repository root.
+On a Ray cluster: python -m study.sweep CONFIG --backend ray [--address auto] [--num_cpus 1] [--num_gpus 0]
+(every cell a Ray task; the driver appends each finished cell to the JSONL, so a killed sweep resumes).
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=USAGE)
+    parser.add_argument("config", help="A sweep YAML (base, grid, results).")
+    parser.add_argument("--shard", default=None, help="i/n: run every n-th cell starting at i (for job arrays).")
+    parser.add_argument("--workers", type=int, default=1, help="Local backend: cells run in parallel processes, one thread each.")
+    parser.add_argument("--backend", choices=["local", "ray"], default="local", help="local (this machine, default) or ray.")
+    parser.add_argument("--address", default=None, help="Ray: the cluster address ('auto', 'ray://host:10001'); default a local Ray instance.")
+    parser.add_argument("--num_cpus", type=float, default=1, help="Ray: CPUs each cell asks for (also its torch threads).")
+    parser.add_argument("--num_gpus", type=float, default=0, help="Ray: GPUs each cell asks for.")
+    parser.add_argument("--limit", type=int, default=None, help="Run at most this many unfinished cells, then stop.")
+    parser.add_argument("--dry_run", action="store_true", help="List the cells and exit.")
+    args = parser.parse_args()
+    config = SweepConfig.from_yaml(args.config)
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
+    if args.dry_run:
+        cells = select_shard(expand_grid(config), shard)
+        for cell in cells:
+            print(cell.id)
+        print(f"{len(cells)} cells")
+        return
+    if args.backend == "ray" and args.workers != 1:
+        parser.error("--workers is for the local backend; with --backend ray, Ray schedules the cells (--num_cpus/--num_gpus each).")
+    if args.backend == "local" and (args.address or args.num_gpus):
+        parser.error("--address and --num_gpus are for --backend ray.")
+    run_sweep(
+        config, shard=shard, workers=args.workers, limit=args.limit, backend=args.backend, address=args.address,
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+    )
+
+
+if __name__ == "__main__":
+    main()

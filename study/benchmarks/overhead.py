@@ -1,10 +1,10 @@
 """What each regularizer costs in a training step, against plain training, in one process.
 
-    python benchmarks/overhead.py --output results/cost/overhead.json   # the README's table (CPU, about 15 min)
-    python benchmarks/overhead.py --shapes minilm --regularizers dreg --steps 40
-    python benchmarks/overhead.py --shapes gemma2-lora:1x1024            # a shape at another batch x length
-    python benchmarks/cost_table.py results/cost/overhead.json          # the Markdown table from the JSON
-    bash benchmarks/gpu_cost.sh                                         # the same on a GPU, bf16
+    python study/benchmarks/overhead.py --output study/results/cost/overhead.json   # the README's table (CPU, about 15 min)
+    python study/benchmarks/overhead.py --shapes minilm --regularizers dreg --steps 40
+    python study/benchmarks/overhead.py --shapes gemma2-lora:1x1024            # a shape at another batch x length
+    python study/benchmarks/cost_table.py study/results/cost/overhead.json          # the Markdown table from the JSON
+    bash study/benchmarks/gpu_cost.sh                                         # the same on a GPU, bf16
 
 Shapes (random init from a config, nothing downloaded):
 - ``minilm``, ``base``, ``tiny``: BertForSequenceClassification (MiniLM-L6: 6 x 384, MLP 1536; BERT-base:
@@ -15,7 +15,7 @@ Shapes (random init from a config, nothing downloaded):
   The vocabulary is 16,384 so that the LM head's share of the step's matrix products (about 30 %) is
   Gemma-2-2B's (its 256k x 2304 head against 26 layers); a 256k head on 4 layers would dwarf the MLPs.
 - ``gemma2-2b-lora``: Gemma-2-2B's full shape (26 x 2304, MLP 9216, vocabulary 256k) with LoRA: for a
-  GPU (``benchmarks/gpu_cost.sh``).
+  GPU (``study/benchmarks/gpu_cost.sh``).
 - ``gemma2-tiny``, ``gemma2-tiny-lora``: 2 x 64, for the tests.
 
 A training step is forward + backward + AdamW step (dropout on). Every regularizer gets its own copy of
@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cost_table
 
@@ -551,7 +551,7 @@ def main(argv=None) -> list[dict]:
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "dtype": args.dtype,
         "threads": threads,
-        "command": " ".join(["python", "benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "study/benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     started = time.time()
     for text, name, shape in parsed:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU-machine cost benchmark (the device tool runs it in the repository root):
-#   bash benchmarks/gpu_cost.sh           -> $OUT/gpu_cost.json, gpu_cost.md, gpu_cost.log (or ./gpu_cost_out/)
-# benchmarks/overhead.py on CUDA with bf16 weights: BERT-base (batch 32 x 128, full fine-tuning) and
+#   bash study/benchmarks/gpu_cost.sh           -> $OUT/gpu_cost.json, gpu_cost.md, gpu_cost.log (or ./gpu_cost_out/)
+# study/benchmarks/overhead.py on CUDA with bf16 weights: BERT-base (batch 32 x 128, full fine-tuning) and
 # Gemma-2-2B's shape (26 x 2304, GeGLU MLP 9216, vocabulary 256k; random init, nothing downloaded) with
 # LoRA r = 8 on q/v/gate/up/down at 1 x 2048 tokens: plain, none (noise floor) and dreg, interleaved,
 # time and peak memory (torch.cuda.max_memory_allocated) of forward + backward + AdamW.
 # Extra arguments go to overhead.py (e.g. --steps 40). The DREG_COST_* variables exist for the CPU test
 # of this script (tests/test_benchmark_overhead.py); leave them unset on the GPU machine.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu_cost_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
@@ -22,8 +22,8 @@ for name in ("torch", "transformers", "peft"):
     print(name, importlib.import_module(name).__version__)
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-python3 benchmarks/overhead.py --device "$DEVICE" --dtype bfloat16 --shapes "$SHAPES" --regularizers none,dreg \
+python3 study/benchmarks/overhead.py --device "$DEVICE" --dtype bfloat16 --shapes "$SHAPES" --regularizers none,dreg \
     --steps "$STEPS" --warmup "$WARMUP" --output "$OUT/gpu_cost.json" "$@" 2>&1 | tee "$OUT/gpu_cost.log"
 status=${PIPESTATUS[0]}
-[ "$status" -eq 0 ] && python3 benchmarks/cost_table.py "$OUT/gpu_cost.json" > "$OUT/gpu_cost.md"
+[ "$status" -eq 0 ] && python3 study/benchmarks/cost_table.py "$OUT/gpu_cost.json" > "$OUT/gpu_cost.md"
 exit "$status"

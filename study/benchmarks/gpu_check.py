@@ -1,7 +1,7 @@
 """The checks that need a GPU machine: bf16, FSDP and DDP exactness of DREG on the Trainer's own collator.
 
-    python benchmarks/gpu_check.py --out DIR                 # every check this machine can run
-    python benchmarks/gpu_check.py --out DIR --checks bf16   # one of: bf16, fsdp, ddp
+    python study/benchmarks/gpu_check.py --out DIR                 # every check this machine can run
+    python study/benchmarks/gpu_check.py --out DIR --checks bf16   # one of: bf16, fsdp, ddp
 
 Each check trains a small BERT classifier (random weights, no download) on texts of unequal length
 padded by the Trainer's DataCollatorWithPadding, one or two SGD steps, and compares the result with
@@ -122,7 +122,7 @@ def check_bf16(device: str, tmp: str) -> dict:
 
 def _torchrun(nproc: int, role: str, out: str, extra_env=None) -> None:
     env = dict(os.environ, **(extra_env or {}))
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29611",
                os.path.abspath(__file__), "--worker", role, "--out", out]  # fmt: skip
     subprocess.run(command, env=env, check=True, timeout=900)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .results_store import read_results
+from hf_dreg.results_store import read_results
 
 
 
@@ -578,3 +579,20 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
     path = folder / "REPORT.md"
     path.write_text("\n".join(sections))
     return path
+
+
+USAGE = """Write the report of a sweep: python -m study.report study/results/low_data/results.jsonl [--output study/results/low_data]"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=USAGE)
+    parser.add_argument("results", help="The sweep's results JSONL.")
+    parser.add_argument("--output", default=None, help="Folder for REPORT.md and the plots (default: beside the JSONL).")
+    parser.add_argument("--title", default="Sweep report")
+    args = parser.parse_args()
+    folder = args.output or str(Path(args.results).parent)
+    print(write_report(args.results, folder, title=args.title))
+
+
+if __name__ == "__main__":
+    main()
