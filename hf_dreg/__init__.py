@@ -1,9 +1,9 @@
 """hf_dreg: the DREG layer-wise Jacobian penalty for Hugging Face Transformers."""
 
-from .attach import DREGHandle, attach
+from .modeling.hooks import DREGHandle, attach
 from .args import DREGTrainingArguments
 from .config import DREGConfig
-from .sites import Site, find_sites
+from .modeling.sites import Site, find_sites
 from .trainer import DREGTrainer, with_dreg
 
 __all__ = ["attach", "find_sites", "DREGHandle", "Site", "DREGConfig", "with_dreg", "DREGTrainer", "DREGTrainingArguments"]

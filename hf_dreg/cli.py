@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .sites import find_sites
+from .modeling.sites import find_sites
 
 
 def scan_summary(model, activations="gelu", exclude_modules=None) -> str:
@@ -70,7 +70,7 @@ def _build_from_config(cls, config):
     """The model without weights: on the meta device (no memory, no init); for real if it cannot be probed there."""
     import torch
 
-    from .sites import MetaProbeError, find_sites
+    from .modeling.sites import MetaProbeError, find_sites
 
     with torch.device("meta"):
         model = cls(config)
@@ -95,7 +95,7 @@ def _scan(args) -> int:
     from transformers import AutoConfig
 
     from .models import resolve_checkpoint
-    from .sites import NoSitesError
+    from .modeling.sites import NoSitesError
 
     path = resolve_checkpoint(args.model)
     config = AutoConfig.from_pretrained(path)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .activations import resolve_families
+from .ops.activations import resolve_families
 
 DEFAULT_DREG_LAMBDA = 10**-2.5
 DEFAULT_TARGET_RATIO = 0.1

@@ -9,7 +9,7 @@ Exactness (README "Correct under"):
 
 - DREG is normalised over the whole optimizer step: the valid positions of every micro-batch, on
   every process, are counted before the step from the batches the Trainer really built
-  (:mod:`hf_dreg.positions`), so accumulation and several processes give the gradients of one batch.
+  (:mod:`hf_dreg.modeling.positions`), so accumulation and several processes give the gradients of one batch.
 - The task loss is the base class's. The only change: a model that accepts loss kwargs but ignores
   ``num_items_in_batch`` (BERT classifiers, T5 and BART in transformers 5) is found on the first
   batch by asking it (two no-grad forwards) and trained on per-batch means like a model without loss
@@ -29,10 +29,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .args import DREGTrainingArguments, require_non_reentrant_checkpointing
-from .attach import check_finite
+from .modeling.hooks import check_finite
 from .config import AUTO, CONFIG_NAME, DREGConfig
-from .diagnostics import gradient_norms
-from .positions import count_positions, position_masks
+from .modeling.diagnostics import gradient_norms
+from .modeling.positions import count_positions, position_masks
 from .regularizers import DREG, StepInfo, build_regularizer
 
 logger = logging.get_logger(__name__)

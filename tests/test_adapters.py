@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hf_dreg
-from hf_dreg.layers import UnsupportedLayerError
-from hf_dreg.sites import find_sites
+from hf_dreg.modeling.layers import UnsupportedLayerError
+from hf_dreg.modeling.sites import find_sites
 from tiny_models import tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft")

@@ -195,7 +195,7 @@ def test_padding_free_batches_count_every_token_of_the_step(tmp_path, tok):
 
 
 def test_positions_are_counted_from_batch_encodings(tok):
-    from hf_dreg.positions import count_positions
+    from hf_dreg.modeling.positions import count_positions
 
     data = classification_data(tok)
     batch = tok.pad([data[i] for i in range(4)], return_tensors="pt")

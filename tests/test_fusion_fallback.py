@@ -12,8 +12,9 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor import exc as inductor_exc
 from transformers import activations as A
 
-from hf_dreg import penalty as P
-from hf_dreg.activations import spec_for
+from hf_dreg.ops import formulas, functions, kernels
+from hf_dreg.ops.kernels import KERNELS
+from hf_dreg.ops.activations import spec_for
 
 _PHRASE = "fused DREG kernels unavailable"
 
@@ -70,8 +71,8 @@ def _implicit_context():
 @pytest.fixture
 def failing_compile(monkeypatch):
     """Fresh fusion state; torch.compile returns kernels raising what ``set_error`` chose."""
-    monkeypatch.setattr(P, "_COMPILED", {})
-    monkeypatch.setattr(P, "_FUSION_FAILED", False)
+    monkeypatch.setattr(KERNELS, "compiled", {})
+    monkeypatch.setattr(KERNELS, "failed", False)
     state = {"error": None, "calls": 0}
 
     def fake_compile(fn, **kwargs):
@@ -97,7 +98,7 @@ def _data(seed=0):
 def _gated(module, fused, seed=0):
     spec = spec_for(module)
     z, u, w, v = _data(seed)
-    p = P.gated_site_penalty(z, module(z), u, P.row_stats(w), P.row_stats(v), P.row_dots(w, v), spec, fused=fused)
+    p = functions.gated_site_penalty(z, module(z), u, functions.row_stats(w), functions.row_stats(v), functions.row_dots(w, v), spec, fused=fused)
     grads = torch.autograd.grad(p.sum(), (z, u, w, v))
     return p.detach(), grads
 
@@ -118,7 +119,7 @@ def test_no_compiler_falls_back_to_eager_math_and_says_so_once(failing_compile, 
     module = A.GELUActivation()
     with caplog.at_level(logging.WARNING):
         p, grads = _gated(module, fused=True)
-        assert P._FUSION_FAILED
+        assert KERNELS.failed
         calls = failing_compile["calls"]
         assert calls == 1  # the first kernel tried, then eager for the process
         p2, _ = _gated(A.SiLUActivation(), fused=True, seed=1)  # another activation: eager at once
@@ -130,7 +131,7 @@ def test_no_compiler_falls_back_to_eager_math_and_says_so_once(failing_compile, 
     assert torch.equal(p2, _gated(A.SiLUActivation(), fused=False, seed=1)[0])
     records = [r for r in caplog.records if _PHRASE in r.getMessage()]
     assert len(records) == 1, [r.getMessage() for r in caplog.records]
-    assert records[0].levelno == logging.WARNING and records[0].name == "hf_dreg.penalty"
+    assert records[0].levelno == logging.WARNING and records[0].name == "hf_dreg.ops.kernels"
     assert name in records[0].getMessage()
 
 
@@ -143,16 +144,16 @@ def test_a_genuine_error_of_the_compiled_kernel_propagates(failing_compile, capl
         z, _, w, _ = _data()
         spec = spec_for(A.GELUActivation())
         with pytest.raises((RuntimeError, BackendCompilerFailed), match="shape mismatch"):
-            P.plain_site_penalty(z, A.GELUActivation()(z), P.row_stats(w), spec, fused=True)
-    assert not P._FUSION_FAILED  # fusion stays on for the next call
+            functions.plain_site_penalty(z, A.GELUActivation()(z), functions.row_stats(w), spec, fused=True)
+    assert not KERNELS.failed  # fusion stays on for the next call
     assert not [r for r in caplog.records if _PHRASE in r.getMessage()]
 
 
 def test_missing_compiler_classifies_by_type_not_message():
-    assert P.missing_compiler(_no_compiler()) is not None
-    assert P.missing_compiler(RuntimeError("No working C++ compiler found")) is None
-    assert P.missing_compiler(_implicit_context()) is None
-    assert isinstance(P.missing_compiler(_triton_missing()), inductor_exc.TritonMissing)
+    assert kernels.missing_compiler(_no_compiler()) is not None
+    assert kernels.missing_compiler(RuntimeError("No working C++ compiler found")) is None
+    assert kernels.missing_compiler(_implicit_context()) is None
+    assert isinstance(kernels.missing_compiler(_triton_missing()), inductor_exc.TritonMissing)
 
 
 # ---- a whole site that this torch cannot trace as one region -------------------------------------
@@ -164,9 +165,9 @@ _WHOLE = "cannot compile a whole DREG site"
 def untraceable(monkeypatch):
     """torch.compile of the regions named in the returned ``fail`` list fails as torch 2.11's dynamo does
     (an AssertionError while tracing an autograd Function that returns its input); the rest compile."""
-    monkeypatch.setattr(P, "_COMPILED", {})
-    monkeypatch.setattr(P, "_FUSION_FAILED", False)
-    monkeypatch.setattr(P, "_UNTRACEABLE", set())
+    monkeypatch.setattr(KERNELS, "compiled", {})
+    monkeypatch.setattr(KERNELS, "failed", False)
+    monkeypatch.setattr(KERNELS, "untraceable", set())
     real_compile = torch.compile
     state = {"fail": [], "tried": []}
 
@@ -186,7 +187,7 @@ def untraceable(monkeypatch):
 
 def _whole_sites(fused, seed=0):
     """Values and gradients of a plain site (as the activation's node), a gated site, and LoRA-fed ones."""
-    from hf_dreg.low_rank import LowRankRows, gated_site_penalty_low_rank, plain_site_activation_low_rank
+    from hf_dreg.ops.low_rank import LowRankRows, gated_site_penalty_low_rank, plain_site_activation_low_rank
 
     gelu = A.GELUActivation()
     spec = spec_for(gelu)
@@ -194,9 +195,9 @@ def _whole_sites(fused, seed=0):
     g = torch.Generator().manual_seed(seed + 100)
     up = torch.randn(6, 2, generator=g, requires_grad=True)
     down = torch.randn(2, 4, generator=g, requires_grad=True)
-    a, p_plain = P.plain_site_activation_from_weight(z, gelu(z), w, spec, fused)
+    a, p_plain = functions.plain_site_activation_from_weight(z, gelu(z), w, spec, fused)
     a_lora, p_plain_lora = plain_site_activation_low_rank(z, gelu(z), LowRankRows(w, up, down), spec, fused)
-    p_gated = P.gated_site_penalty_from_weights(z, gelu(z), u, w, v, spec, fused)
+    p_gated = functions.gated_site_penalty_from_weights(z, gelu(z), u, w, v, spec, fused)
     p_lora = gated_site_penalty_low_rank(z, gelu(z), u, LowRankRows(w, up, down), v, spec, fused)
     values = [t.detach() for t in (a, p_plain, a_lora, p_plain_lora, p_gated, p_lora)]
     total = sum(t.sum() for t in (a, p_plain, a_lora, p_plain_lora, p_gated, p_lora))
@@ -216,7 +217,7 @@ def test_an_untraceable_activation_node_falls_back_to_the_penalty_as_one_region(
         _whole_sites(fused=True, seed=1)  # known untraceable: straight to the fallback
     tried = sorted(name.rsplit("_", 1)[0] for name in untraceable["tried"])  # names end in a compile counter
     assert tried == ["dreg__plain_site_activation_low_rank", "dreg__plain_site_activation_whole"]
-    compiled = {key[0].__name__ for key in P._COMPILED}
+    compiled = {key[0].__name__ for key in KERNELS.compiled}
     assert {"_plain_site_penalty_whole", "_plain_site_penalty_low_rank", "_gated_site_penalty_whole"} <= compiled
     assert "plain_forward" not in compiled  # the penalty-only sites are still one region each
     _assert_matches_eager(values, grads)
@@ -231,6 +232,6 @@ def test_untraceable_whole_sites_fall_back_to_their_compiled_parts(untraceable, 
         tried = len(untraceable["tried"])
         _whole_sites(fused=True, seed=1)
     assert tried == 6 and len(untraceable["tried"]) == 6  # each kind tried once
-    assert not P._FUSION_FAILED  # the parts are still compiled kernels
-    assert any(key[0] is P.plain_forward for key in P._COMPILED)
+    assert not KERNELS.failed  # the parts are still compiled kernels
+    assert any(key[0] is formulas.plain_forward for key in KERNELS.compiled)
     _assert_matches_eager(values, grads)

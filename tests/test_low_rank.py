@@ -1,4 +1,4 @@
-"""LoRA layers' row statistics from their factors (hf_dreg.low_rank), never from the dense weight.
+"""LoRA layers' row statistics from their factors (hf_dreg.ops.low_rank), never from the dense weight.
 
 References: the dense weight ``W0 + U D`` formed and reduced by plain autograd (float64), for values and
 for the gradients of every factor; the merged model (``merge_and_unload``) for the penalty of whole LoRA
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import hf_dreg
-from hf_dreg.layers import weight_rows
-from hf_dreg.low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
+from hf_dreg.modeling.layers import weight_rows
+from hf_dreg.ops.low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
 from tiny_models import tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft")
-attach_module = importlib.import_module("hf_dreg.attach")  # the module (hf_dreg.attach is also a function)
+from hf_dreg.modeling import hooks as attach_module
 
 OUT, IN, RANK = 12, 7, 3
 

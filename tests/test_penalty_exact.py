@@ -6,8 +6,8 @@ from torch import nn
 from transformers import activations as A
 
 import hf_dreg
-from hf_dreg.penalty import plain_site_penalty, gated_site_penalty, row_stats, row_dots
-from hf_dreg.activations import spec_for
+from hf_dreg.ops.functions import plain_site_penalty, gated_site_penalty, row_stats, row_dots
+from hf_dreg.ops.activations import spec_for
 from toy_mlp import ToyModel, reference_penalty
 
 ACTIVATIONS = {
@@ -103,8 +103,9 @@ def test_functions_pass_gradcheck(act):
 
 # ---- the fused activation + penalty node, the (z, a) derivatives, the row statistics ------------------
 
-from hf_dreg import penalty as P  # noqa: E402
-from hf_dreg.penalty import gated_row_stats, plain_site_activation  # noqa: E402
+from hf_dreg.ops import functions  # noqa: E402
+from hf_dreg.ops.kernels import KERNELS  # noqa: E402
+from hf_dreg.ops.functions import gated_row_stats, plain_site_activation  # noqa: E402
 
 PAIRED = [name for name in ACTIVATIONS if spec_for(ACTIVATIONS[name]()).pair is not None]
 
@@ -153,7 +154,7 @@ def _plain_grads(module, fused, seed=0, dtype=torch.float64):
     weights = torch.randn(3, 4, 6, generator=g, dtype=dtype)  # a downstream task loss through a
     mask = torch.rand(3, 4, generator=g, dtype=dtype)
     a = module(z)
-    out, p = plain_site_activation(z, a, P.row_stats(w, fused), spec, fused=fused)
+    out, p = plain_site_activation(z, a, functions.row_stats(w, fused), spec, fused=fused)
     assert torch.equal(out, a)
     loss = (out * weights).sum() + 0.7 * (p * mask).sum()
     return p.detach(), torch.autograd.grad(loss, (z, w))
@@ -217,7 +218,7 @@ def test_fused_kernels_equal_the_eager_math(act):
     module = ACTIVATIONS[act]()
     p0, g0 = _plain_grads(module, fused=False, dtype=torch.float32)
     p1, g1 = _plain_grads(module, fused=True, dtype=torch.float32)
-    assert not P._FUSION_FAILED
+    assert not KERNELS.failed
     assert torch.allclose(p0, p1, rtol=1e-5, atol=1e-7)
     for a, b in zip(g0, g1):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
@@ -264,7 +265,7 @@ _SYNCING = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "
 
 def test_hooks_and_penalty_read_no_value_back_to_the_host(monkeypatch):
     """A training micro-batch (the DREG regularizer's compute, then backward) with fused kernels: no code of
-    hf_dreg/penalty.py, attach.py or activations.py converts a tensor to a Python value (a device sync on a
+    hf_dreg/ops (formulas, functions, kernels, activations) or modeling/hooks.py converts a tensor to a Python value (a device sync on a
     GPU). The finite check happens at logging steps (trainer), not here."""
     import inspect
     import tempfile
@@ -274,7 +275,8 @@ def test_hooks_and_penalty_read_no_value_back_to_the_host(monkeypatch):
     from hf_dreg.regularizers import StepInfo, build_regularizer
     from tiny_models import tiny_inputs, tiny_model
 
-    watched = {str(Path(P.__file__).resolve().parent / name) for name in ("penalty.py", "attach.py", "activations.py")}
+    package = Path(functions.__file__).resolve().parents[1]
+    watched = {str(package / name) for name in ("ops/formulas.py", "ops/functions.py", "ops/kernels.py", "ops/activations.py", "modeling/hooks.py")}
     calls = []
 
     def spy(name, original):

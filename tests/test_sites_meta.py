@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hf_dreg
-from hf_dreg.sites import MetaProbeError, NoSitesError, find_sites
+from hf_dreg.modeling.sites import MetaProbeError, NoSitesError, find_sites
 from site_expectations import expected_sites
 from tiny_models import FAMILIES, _config, tiny_model
 
@@ -206,7 +206,7 @@ def test_find_sites_reads_weights_only_inside_each_layers_forward(family, device
 
 def test_the_watch_sees_a_read_outside_the_forward():
     """The watch itself: hf_dreg's weight_rows called outside any forward is recorded as outside."""
-    from hf_dreg.layers import weight_rows
+    from hf_dreg.modeling.layers import weight_rows
 
     model = _real_model("bert")
     layers = _watch(model)

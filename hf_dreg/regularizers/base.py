@@ -18,7 +18,7 @@ class StepInfo:
     processes: int = 1
     positions: dict[str, Tensor] = field(default_factory=dict)
     optimizer_step: int = 0
-    masks: dict[str, Tensor] | None = None  # this micro-batch's valid positions (hf_dreg.positions.position_masks)
+    masks: dict[str, Tensor] | None = None  # this micro-batch's valid positions (hf_dreg.modeling.positions.position_masks)
     # when the task loss is normalised over the step's items: their count (divided by the processes the
     # Trainer multiplies by), so that loss * example_scale is the sum of the per-example losses
     example_scale: Tensor | float | None = None

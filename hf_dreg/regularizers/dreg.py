@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
-from ..attach import DREGHandle
-from ..sites import find_sites
+from ..modeling.hooks import DREGHandle
+from ..modeling.sites import find_sites
 from .base import Penalty, Regularizer
 
 logger = logging.get_logger(__name__)

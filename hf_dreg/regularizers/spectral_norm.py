@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrizations
 
-from ..layers import weight_rows
-from ..sites import find_sites
+from ..modeling.layers import weight_rows
+from ..modeling.sites import find_sites
 from .base import Penalty, Regularizer
 
 

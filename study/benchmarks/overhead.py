@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cost_table
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
-from hf_dreg import penalty as _penalty  # noqa: E402
+from hf_dreg.ops.kernels import KERNELS  # noqa: E402
 from hf_dreg.args import REGULARIZERS  # noqa: E402
 from hf_dreg.regularizers import StepInfo, build_regularizer  # noqa: E402
 
@@ -242,7 +242,7 @@ def build(shape: Shape, regularizers: list[str], seed: int = 0, dtype=torch.floa
 
     The regularizers are built on the float32 model, then the weights are cast to ``dtype``: DREG's site
     probe checks numerically that each feeding layer computes x @ W.T + b, with float32 tolerances that a
-    bf16 base under float32 LoRA adapters does not meet (hf_dreg.layers.computes_linear).
+    bf16 base under float32 LoRA adapters does not meet (hf_dreg.modeling.layers.computes_linear).
     """
     template = build_model(shape, seed, torch.float32, device)
     names = [PLAIN, *regularizers]
@@ -493,9 +493,9 @@ def run_shape(
         "regularizers": rows,
         "compiled_graphs_warmup": graphs_after_warmup - graphs_before,
         "recompiles_timed": recompiled,
-        "fused": not _penalty._FUSION_FAILED,
-        # whole-site regions this torch could not trace (their sites ran a simpler route: hf_dreg.penalty._kernel)
-        "untraceable_regions": sorted(fn.__name__ for fn in _penalty._UNTRACEABLE),
+        "fused": not KERNELS.failed,
+        # whole-site regions this torch could not trace (their sites ran a simpler route: hf_dreg.ops.kernels.KERNELS)
+        "untraceable_regions": sorted(fn.__name__ for fn in KERNELS.untraceable),
     }
 
 

@@ -38,19 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import overhead  # noqa: E402
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
-from hf_dreg import low_rank as _low_rank  # noqa: E402
-from hf_dreg import penalty as _penalty  # noqa: E402
+from hf_dreg.ops import low_rank as _low_rank  # noqa: E402
+from hf_dreg.ops import functions  # noqa: E402
+from hf_dreg.ops.kernels import KERNELS  # noqa: E402
 from hf_dreg.regularizers import build_regularizer  # noqa: E402
 
 VARIANTS = {"plain": ("none", True), "dreg-fused": ("dreg", True), "dreg-parts": ("dreg", True), "dreg-eager": ("dreg", False)}
 # dreg-parts: fused kernels, but each site as separately compiled parts (row statistics, the site's node),
-# the route a torch that cannot trace a whole site as one region takes (hf_dreg.penalty._kernel)
+# the route a torch that cannot trace a whole site as one region takes (hf_dreg.ops.kernels.KERNELS)
 CUDA_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaStreamSynchronize", "cudaDeviceSynchronize",
               "cudaMemcpyAsync", "cudaEventSynchronize", "cudaStreamWaitEvent")
 
 
 WHOLE_SITES = {
-    _penalty._plain_site_activation_whole, _penalty._plain_site_penalty_whole, _penalty._gated_site_penalty_whole,
+    functions._plain_site_activation_whole, functions._plain_site_penalty_whole, functions._gated_site_penalty_whole,
     _low_rank._plain_site_activation_low_rank, _low_rank._plain_site_penalty_low_rank, _low_rank._gated_site_penalty_low_rank,
 }
 
@@ -59,13 +60,13 @@ class PartsContender(overhead.Contender):
     """A DREG contender whose sites take the separately compiled parts, as if no whole site could be traced."""
 
     def step(self, batch):
-        before = set(_penalty._UNTRACEABLE)
-        _penalty._UNTRACEABLE.update(WHOLE_SITES)
+        before = set(KERNELS.untraceable)
+        KERNELS.untraceable.update(WHOLE_SITES)
         try:
             super().step(batch)
         finally:
-            _penalty._UNTRACEABLE.clear()
-            _penalty._UNTRACEABLE.update(before)
+            KERNELS.untraceable.clear()
+            KERNELS.untraceable.update(before)
 
 
 def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .low_rank import LowRankRows
-from .penalty import compute_dtype
+from ..ops.low_rank import LowRankRows
+from ..ops.formulas import compute_dtype
 
 
 class UnsupportedLayerError(ValueError):
@@ -153,8 +153,8 @@ def penalty_weight_rows(module: nn.Module) -> Tensor | LowRankRows:
     """:func:`weight_rows` as the penalty reads it: a LoRA layer's as its factors, never formed.
 
     For a LoRA layer (``peft.tuners.lora.layer.Linear``) with active adapters on a plain base layer the
-    rows are :class:`~hf_dreg.low_rank.LowRankRows`: the base weight, ``scaling * lora_B`` of every
-    active adapter and their ``lora_A``, stacked; :mod:`hf_dreg.low_rank` computes the row statistics
+    rows are :class:`~hf_dreg.ops.low_rank.LowRankRows`: the base weight, ``scaling * lora_B`` of every
+    active adapter and their ``lora_A``, stacked; :mod:`hf_dreg.ops.low_rank` computes the row statistics
     from them without the dense (out, in) weight. Any other layer gives :func:`weight_rows`.
     """
     if not is_adapter_layer(module) or adapter_kind(module) != "LoRA" or is_adapter_layer(module.base_layer):

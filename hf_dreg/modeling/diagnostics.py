@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .attach import attach
+from .hooks import attach
 
 
 @torch.no_grad()

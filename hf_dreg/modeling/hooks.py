@@ -5,7 +5,7 @@ while attached is a vanilla transformers checkpoint and ``detach()`` restores th
 
 Each feeding layer's hook reads its weight rows inside its own forward (where FSDP/ZeRO-3 have
 materialised them); each activation's hook computes the per-position penalty of its site with the
-custom autograd Functions of :mod:`hf_dreg.penalty`. A forward pre-hook on the model resets the
+custom autograd Functions of :mod:`hf_dreg.ops.functions`. A forward pre-hook on the model resets the
 record and remembers the attention masks it was called with.
 """
 
@@ -18,15 +18,19 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .activations import spec_for
+from ..ops.activations import spec_for
 from .layers import penalty_weight_rows
-from .low_rank import (
+from ..ops.low_rank import (
     LowRankRows,
     gated_site_penalty_low_rank,
     plain_site_activation_low_rank,
     plain_site_penalty_low_rank,
 )
-from .penalty import gated_site_penalty_from_weights, plain_site_activation_from_weight, plain_site_penalty_from_weight
+from ..ops.functions import (
+    gated_site_penalty_from_weights,
+    plain_site_activation_from_weight,
+    plain_site_penalty_from_weight,
+)
 from .positions import position_masks
 from .sites import PLAIN, Site, find_sites
 
@@ -74,7 +78,7 @@ class DREGHandle:
         if existing is not None:
             raise RuntimeError(
                 f"{type(model).__name__} already has DREG attached ({existing}). Detach it first with "
-                "handle.detach() on the handle attach() returned (or hf_dreg.attach.attached_handle(model).detach()); "
+                "handle.detach() on the handle attach() returned (or hf_dreg.modeling.hooks.attached_handle(model).detach()); "
                 "a DREG trainer attaches its own during train(), evaluate() and predict() and detaches it afterwards."
             )
         _refuse_virtual_tokens(model)
@@ -158,7 +162,7 @@ class DREGHandle:
             return None
         spec = self._specs[site.name]
         output = None
-        # the row statistics and the site's penalty: one compiled region each way (see hf_dreg.penalty)
+        # the row statistics and the site's penalty: one compiled region each way (see hf_dreg.ops.functions)
         if site.kind == PLAIN:
             low_rank = isinstance(pieces.w_gate, LowRankRows)
             if at_activation and isinstance(pieces.a, Tensor):

@@ -19,15 +19,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .activations import UnsupportedActivationError, is_activation_module, is_supported, resolve_families, spec_for
-from .layers import (
-    UnsupportedLayerError,
-    computes_linear,
-    is_linear_like,
-    not_linear_error,
-    weight_rows,
-    weight_shape,
-)
+from ..ops.activations import UnsupportedActivationError, is_activation_module, is_supported, resolve_families, spec_for
+from .layers import UnsupportedLayerError, computes_linear, is_linear_like, not_linear_error, weight_rows, weight_shape
 
 PLAIN, GATED, FUSED_GATED = "plain", "gated", "fused_gated"
 

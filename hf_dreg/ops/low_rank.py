@@ -20,17 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .penalty import (
+from .functions import (
     GatedSitePenalty,
     PlainSiteActivation,
     PlainSitePenalty,
-    _kernel,
-    compute_dtype,
     gated_row_stats,
     gated_site_penalty,
     plain_site_penalty,
     row_stats,
 )
+from .kernels import kernel as _kernel
+from .formulas import compute_dtype
 
 
 @dataclass
@@ -98,7 +98,7 @@ def weight_gated_row_stats(w_gate: Tensor | LowRankRows, w_up: Tensor | LowRankR
     return rg, ru, c
 
 
-# ---- a LoRA site as one compiled region (see the end of hf_dreg.penalty) ------------------------------
+# ---- a LoRA site as one compiled region (see the end of hf_dreg.ops.functions) ------------------------------
 
 
 def _rows(base, up, down):
