@@ -1,7 +1,7 @@
 """hf_dreg: the DREG layer-wise Jacobian penalty for Hugging Face Transformers."""
 
 from .modeling.hooks import DREGHandle, attach
-from .args import DREGTrainingArguments
+from .training_args import DREGTrainingArguments
 from .config import DREGConfig
 from .modeling.sites import Site, find_sites
 from .trainer import DREGTrainer, with_dreg

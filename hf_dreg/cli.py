@@ -94,7 +94,7 @@ def _other_families(model) -> list[str]:
 def _scan(args) -> int:
     from transformers import AutoConfig
 
-    from .models import resolve_checkpoint
+    from .recipes.models import resolve_checkpoint
     from .modeling.sites import NoSitesError
 
     path = resolve_checkpoint(args.model)

@@ -28,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .args import DREGTrainingArguments, require_non_reentrant_checkpointing
+from .training_args import DREGTrainingArguments, require_non_reentrant_checkpointing
 from .modeling.hooks import check_finite
 from .config import AUTO, CONFIG_NAME, DREGConfig
 from .modeling.diagnostics import gradient_norms

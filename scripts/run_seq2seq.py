@@ -5,13 +5,13 @@
         --validation_file valid.jsonl --source_prefix "summarize: " --predict_with_generate --output_dir out
     python scripts/run_seq2seq.py configs/seq2seq_t5.yaml      # or one YAML/JSON file
 
-Every flag of Seq2SeqModelArguments, Seq2SeqDataArguments (hf_dreg.seq2seq), Seq2SeqTrainingArguments and
+Every flag of Seq2SeqModelArguments, Seq2SeqDataArguments (hf_dreg.recipes.seq2seq), Seq2SeqTrainingArguments and
 hf_dreg.DREGConfig is accepted (--help lists them). Data: {"source", "target"} JSONL (--source_column,
 --target_column), or a hub dataset. With --predict_with_generate the evaluation reports chrF, ROUGE-L and
 exact match (packaged metrics, offline) beside eval_loss and eval_dreg.
 """
 
-from hf_dreg.seq2seq import main
+from hf_dreg.recipes.seq2seq import main
 
 if __name__ == "__main__":
     main()

@@ -36,8 +36,8 @@ import transformers as tf
 import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 
-from hf_dreg.data import _find_split_files, _load_files, _per_class_indices, apply_label_noise, check_columns
-from hf_dreg.results_store import append_result, read_results
+from hf_dreg.recipes.data import _find_split_files, _load_files, _per_class_indices, apply_label_noise, check_columns
+from hf_dreg.recipes.results_store import append_result, read_results
 from .sweep import Cell, expand_grid, versions
 
 SELECTION_KEYS = ("eval_at", "validation_size")  # flags of a cell that are not run arguments
@@ -152,7 +152,7 @@ class FeatureCache:
         self._cache = {}
 
     def get(self, model_args, data_args, seed: int, validation_size: int):
-        from hf_dreg.tune import Featurizer
+        from hf_dreg.recipes.tune import Featurizer
 
         key = (data_args.data_dir, data_args.train_file, data_args.dataset_name, data_args.samples_per_class,
                data_args.max_train_samples, data_args.label_noise, seed, validation_size, model_args.model_type,
@@ -167,9 +167,9 @@ class FeatureCache:
 
 def parse_cell(flags: dict):
     """(ModelArguments, DataArguments, DREGTrainingArguments, eval_at, validation_size) of a cell's flags."""
-    from hf_dreg.args import DREGTrainingArguments
-    from hf_dreg.finetune import DataArguments
-    from hf_dreg.models import ModelArguments
+    from hf_dreg.training_args import DREGTrainingArguments
+    from hf_dreg.recipes.classification import DataArguments
+    from hf_dreg.recipes.models import ModelArguments
 
     flags = dict(flags)
     eval_at = sorted(int(s) for s in flags.pop("eval_at"))
@@ -187,7 +187,7 @@ def run_selection_cell(cell: Cell, cache: FeatureCache | None = None) -> dict:
     """Train one plain cell to its last ``eval_at`` step; its record has the curve of every checkpoint."""
     import tempfile
 
-    from hf_dreg.tune import ClassificationMetrics
+    from hf_dreg.recipes.tune import ClassificationMetrics
     from hf_dreg.trainer import DREGTrainer
 
     cache = cache or FeatureCache()

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from .baselines import SelectionConfig, choose_all, standard_error
-from hf_dreg.results_store import read_results
+from hf_dreg.recipes.results_store import read_results
 
 LOGREG_FILE = "pixel_logreg.json"
 PAPER_RESULTS = "study/results/paper/results.jsonl"
@@ -461,7 +461,7 @@ def logreg_references(config: SelectionConfig, C: float = 0.1) -> Path:
     import dataclasses
 
     from .baselines import parse_cell, pixel_logreg, selection_splits
-    from hf_dreg.finetune import prepare_splits
+    from hf_dreg.recipes.classification import prepare_splits
 
     results = {}
     cells = {dict(c.key)["dataset"]: c for c in config.cells()}

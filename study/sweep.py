@@ -3,7 +3,7 @@
 A config (YAML) has ``base`` (flags common to every run: any field of ModelArguments, DataArguments
 or DREGTrainingArguments), ``grid`` (axis -> list of values; a value is a scalar setting the flag of
 the axis' name, or a dict of flags with a ``name``), and ``results`` (the JSONL path). Every cell of
-the full cross product is one run of :func:`hf_dreg.finetune.run_classification`.
+the full cross product is one run of :func:`hf_dreg.recipes.classification.run_classification`.
 
 Resumable: cells already in the results file are skipped. ``shard=(i, n)`` takes every n-th cell.
 ``workers`` runs cells in parallel processes with one thread each (``backend="local"``, the default).
@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from hf_dreg.results_store import append_result, read_results
+from hf_dreg.recipes.results_store import append_result, read_results
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]
 
 
 def versions() -> dict:
-    from hf_dreg.provenance import code_revision
+    from hf_dreg.recipes.provenance import code_revision
 
     import datasets
     import torch
@@ -120,9 +120,9 @@ def run_cell(cell: Cell, threads: int | None = None) -> dict:
     from transformers import HfArgumentParser
     from transformers.utils import logging as hf_logging
 
-    from hf_dreg.args import DREGTrainingArguments
-    from hf_dreg.finetune import DataArguments, run_classification
-    from hf_dreg.models import ModelArguments
+    from hf_dreg.training_args import DREGTrainingArguments
+    from hf_dreg.recipes.classification import DataArguments, run_classification
+    from hf_dreg.recipes.models import ModelArguments
 
     if threads:
         torch.set_num_threads(threads)

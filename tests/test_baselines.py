@@ -11,10 +11,10 @@ import pytest
 import yaml
 from datasets import Dataset
 
-import hf_dreg.data as data_module
+import hf_dreg.recipes.data as data_module
 from study.baselines import SelectionConfig, carve_validation, choose, run_selection, selection_splits
-from hf_dreg.data import select_samples_per_class
-from hf_dreg.finetune import DataArguments
+from hf_dreg.recipes.data import select_samples_per_class
+from hf_dreg.recipes.classification import DataArguments
 
 CLASS_SIZES = (60, 25, 40)  # an imbalanced pool of 8x8 grayscale images, 3 classes
 
@@ -148,8 +148,8 @@ def test_competent_config_cells_parse():
     """Every (data set, regularizer) of the generated factorial config is a valid run."""
     from transformers import HfArgumentParser
 
-    from hf_dreg.args import DREGTrainingArguments
-    from hf_dreg.models import ModelArguments
+    from hf_dreg.training_args import DREGTrainingArguments
+    from hf_dreg.recipes.models import ModelArguments
     from study.sweep import SweepConfig, expand_grid
 
     path = Path(__file__).resolve().parents[1] / "study" / "configs" / "sweep_competent.yaml"
@@ -174,7 +174,7 @@ def test_competent_config_cells_parse():
 def test_measured_cost_plans_with_the_factorial_s_own_runs(tmp_path):
     """The factorial's measured wall time replaces the estimate of the data sets it has run."""
     from study import baselines_report as br
-    from hf_dreg.results_store import append_result
+    from hf_dreg.recipes.results_store import append_result
 
     path = tmp_path / "results.jsonl"
     for seconds in (100.0, 140.0):

@@ -1,4 +1,4 @@
-"""hf_dreg.data: loading (hub-free), column checks, few-shot subsets, label noise, input noise, VADER."""
+"""hf_dreg.recipes.data: loading (hub-free), column checks, few-shot subsets, label noise, input noise, VADER."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from PIL import Image
 
-from hf_dreg.data import (
+from hf_dreg.recipes.data import (
     add_image_noise,
     add_text_noise,
     apply_label_noise,

@@ -83,8 +83,8 @@ def test_card_of_another_regularizer_and_a_lora_adapter(tmp_path):
 def test_classification_script_card_loads(shared_data, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from hf_dreg.finetune import DataArguments, run_classification
-    from hf_dreg.models import ModelArguments
+    from hf_dreg.recipes.classification import DataArguments, run_classification
+    from hf_dreg.recipes.models import ModelArguments
 
     class FakeCommit:
         commit_url = "https://huggingface.co/fake/commit"

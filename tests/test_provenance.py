@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_dreg.provenance import code_revision
+from hf_dreg.recipes.provenance import code_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""scripts/run_seq2seq.py end to end, in-process (``hf_dreg.seq2seq.main(argv)``), on tiny random T5
+"""scripts/run_seq2seq.py end to end, in-process (``hf_dreg.recipes.seq2seq.main(argv)``), on tiny random T5
 (gated-gelu) and BART checkpoints saved with the fixture tokenizer, on the source/target fixture JSONL; and the
 packaged generation metrics.
 
@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard
 import tiny_lm
 from hf_dreg.metrics import load_metric
 from hf_dreg.model_card import metric_results
-from hf_dreg.seq2seq import main, parse_seq2seq_args
+from hf_dreg.recipes.seq2seq import main, parse_seq2seq_args
 
 FIXTURES = tiny_lm.FIXTURES
 REPO = FIXTURES.parents[1]

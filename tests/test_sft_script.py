@@ -1,4 +1,4 @@
-"""scripts/run_sft.py end to end, in-process (``hf_dreg.sft.main(argv)``), on tiny random GPT-2 (gelu_new) and
+"""scripts/run_sft.py end to end, in-process (``hf_dreg.recipes.sft.main(argv)``), on tiny random GPT-2 (gelu_new) and
 Gemma-2 (gated gelu_pytorch_tanh) checkpoints saved with the fixture tokenizer, on the fixture JSONL files in
 TRL's three formats, with and without LoRA.
 
@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 import tiny_lm
 from hf_dreg import DREGConfig
 from hf_dreg.model_card import metric_results
-from hf_dreg.sft import main, parse_sft_args
-from hf_dreg.text_data import DatasetArguments, load_splits
+from hf_dreg.recipes.sft import main, parse_sft_args
+from hf_dreg.recipes.text_data import DatasetArguments, load_splits
 
 FIXTURES = tiny_lm.FIXTURES
 REPO = FIXTURES.parents[1]

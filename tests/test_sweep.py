@@ -5,7 +5,7 @@ import json
 import pytest
 
 from study.report import load_frame, wilcoxon_against, write_report
-from hf_dreg.results_store import append_result, read_results
+from hf_dreg.recipes.results_store import append_result, read_results
 from study.sweep import SweepConfig, expand_grid, run_sweep, select_shard
 
 

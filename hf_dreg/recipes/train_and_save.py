@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .metrics import perplexity
-from .model_card import metric_results
+from ..metrics import perplexity
+from ..model_card import metric_results
 
 
 def train_evaluate_save(trainer, training_args, train_examples: int, eval_examples: int | None, eval_kwargs=None, card_kwargs=None):

@@ -2,7 +2,7 @@
 
 ``run_tune(model_args, data_args, training_args, tune_args)`` (behind ``scripts/tune.py``):
 
-1. loads the data as :mod:`hf_dreg.finetune` does (the low-data options apply to the training split);
+1. loads the data as :mod:`hf_dreg.recipes.classification` does (the low-data options apply to the training split);
    the user's evaluation split is the **test set**, and it is not looked at until step 3;
 2. carves a stratified validation split from the *training* data and runs
    ``Trainer.hyperparameter_search`` over :class:`~hf_dreg.search_space.DREGSearchSpace` on it: Optuna
@@ -35,9 +35,9 @@ import transformers as tf
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
-from .args import DREGTrainingArguments
-from .config import REGULARIZERS
-from .finetune import (
+from ..training_args import DREGTrainingArguments
+from ..config import REGULARIZERS
+from .classification import (
     DataArguments,
     _image_features,
     _image_shape,
@@ -47,11 +47,11 @@ from .finetune import (
     _text_features,
     prepare_splits,
 )
-from .metrics import classification_metrics
+from ..metrics import classification_metrics
 from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
 from .results_store import append_result, read_results
-from .search_space import LAMBDA_RANGE, DREGSearchSpace
-from .trainer import DREGTrainer
+from ..search_space import LAMBDA_RANGE, DREGSearchSpace
+from ..trainer import DREGTrainer
 
 logger = tf.utils.logging.get_logger(__name__)
 
@@ -587,7 +587,7 @@ def run_tune(
     progress: bool = True,
 ) -> dict:
     """Search on a validation split of the training data, retrain best and plain over the seeds, compare on the test set."""
-    from .sweep import versions
+    from ..sweep import versions
 
     os.makedirs(training_args.output_dir, exist_ok=True)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed

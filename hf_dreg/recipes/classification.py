@@ -18,14 +18,21 @@ import torch
 import transformers as tf
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from .args import DREGTrainingArguments
-from .modeling.diagnostics import per_site_dreg
-from .modeling.sites import NoSitesError
-from .data import add_image_noise, add_text_noise, apply_label_noise, check_columns, load_raw_datasets, select_samples_per_class
-from .metrics import classification_metrics
+from ..training_args import DREGTrainingArguments
+from ..modeling.diagnostics import per_site_dreg
+from ..modeling.sites import NoSitesError
+from .data import (
+    add_image_noise,
+    add_text_noise,
+    apply_label_noise,
+    check_columns,
+    load_raw_datasets,
+    select_samples_per_class,
+)
+from ..metrics import classification_metrics
 from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
 from .provenance import code_revision
-from .trainer import DREGTrainer
+from ..trainer import DREGTrainer
 
 logger = tf.utils.logging.get_logger(__name__)
 

@@ -6,8 +6,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-from .args import DREGTrainingArguments
-from .finetune import DataArguments
+from ..training_args import DREGTrainingArguments
+from .classification import DataArguments
 from .models import ModelArguments
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning an encoder-decoder (T5, BART...) with DREG: the logic behind ``scripts/run_seq2seq.py``.
 
 Arguments (``parse_seq2seq_args``): :class:`Seq2SeqModelArguments`, :class:`Seq2SeqDataArguments`
-(the data flags of :class:`~hf_dreg.text_data.DatasetArguments` plus ``--source_column``,
+(the data flags of :class:`~hf_dreg.recipes.text_data.DatasetArguments` plus ``--source_column``,
 ``--target_column``, ``--source_prefix``, ``--max_source_length``, ``--max_target_length``),
 ``transformers.Seq2SeqTrainingArguments`` and :class:`~hf_dreg.DREGConfig`, as flags or as one
 YAML/JSON file. ``run_seq2seq`` trains ``hf_dreg.with_dreg(Seq2SeqTrainer)`` with
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import transformers as tf
 
-from .config import DREGConfig
-from .metrics import load_metric
+from ..config import DREGConfig
+from ..metrics import load_metric
 from .text_data import DatasetArguments, check_columns, dataset_card_info, load_splits
 from .train_and_save import train_evaluate_save
-from .trainer import with_dreg
+from ..trainer import with_dreg
 
 logger = tf.utils.logging.get_logger(__name__)
 
