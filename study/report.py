@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hf_dreg.results_store import read_results
+from hf_dreg.recipes.results_store import read_results
 
 
 
