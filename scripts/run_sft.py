@@ -6,7 +6,7 @@
     python scripts/run_sft.py configs/sft_lora.yaml          # one YAML file (or --config FILE plus flags)
     accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml scripts/run_sft.py configs/sft_lora.yaml
 
-Every flag of hf_dreg.recipes.text_data.DatasetArguments, trl.SFTConfig, trl.ModelConfig and hf_dreg.DREGConfig
+Every flag of hf_dreg.recipes.data.DatasetArguments, trl.SFTConfig, trl.ModelConfig and hf_dreg.DREGConfig
 is accepted (--help lists them). Data: {"text"}, {"prompt", "completion"} or {"messages"} JSONL, or a hub dataset.
 """
 

@@ -12,9 +12,9 @@ import yaml
 from datasets import Dataset
 
 import hf_dreg.recipes.data as data_module
-from study.baselines import SelectionConfig, carve_validation, choose, run_selection, selection_splits
-from hf_dreg.recipes.data import select_samples_per_class
 from hf_dreg.recipes.classification import DataArguments
+from hf_dreg.recipes.data import select_samples_per_class
+from study.baselines import SelectionConfig, carve_validation, choose, run_selection, selection_splits
 
 CLASS_SIZES = (60, 25, 40)  # an imbalanced pool of 8x8 grayscale images, 3 classes
 
@@ -87,8 +87,8 @@ def test_label_noise_only_on_the_training_subset(image_dir):
 
 def test_selection_never_reads_the_test_split(image_dir, tmp_path, monkeypatch):
     read = []
-    original = data_module._load_file
-    monkeypatch.setattr(data_module, "_load_file", lambda path: read.append(Path(path).name) or original(path))
+    original = data_module.load_file
+    monkeypatch.setattr(data_module, "load_file", lambda path, flag="--train_file": read.append(Path(path).name) or original(path, flag))
     config = {
         "results": str(tmp_path / "selection.jsonl"),
         "base": {"seed": 0, "regularizer": "none", "num_attention_heads": 2, "lr_scheduler_type": "constant_with_warmup",
@@ -148,8 +148,8 @@ def test_competent_config_cells_parse():
     """Every (data set, regularizer) of the generated factorial config is a valid run."""
     from transformers import HfArgumentParser
 
-    from hf_dreg.training_args import DREGTrainingArguments
     from hf_dreg.recipes.models import ModelArguments
+    from hf_dreg.training_args import DREGTrainingArguments
     from study.sweep import SweepConfig, expand_grid
 
     path = Path(__file__).resolve().parents[1] / "study" / "configs" / "sweep_competent.yaml"
@@ -173,8 +173,8 @@ def test_competent_config_cells_parse():
 
 def test_measured_cost_plans_with_the_factorial_s_own_runs(tmp_path):
     """The factorial's measured wall time replaces the estimate of the data sets it has run."""
-    from study import baselines_report as br
     from hf_dreg.recipes.results_store import append_result
+    from study import baselines_report as br
 
     path = tmp_path / "results.jsonl"
     for seconds in (100.0, 140.0):

@@ -140,9 +140,41 @@ def test_load_errors(tmp_path):
         load_raw_datasets(train_file=str(tmp_path / "train.jsonl"))
     with pytest.raises(FileNotFoundError):
         load_raw_datasets(train_file=str(tmp_path / "nope.jsonl"), validation_file=str(tmp_path / "train.jsonl"))
-    (tmp_path / "train.parquet").write_text("")
-    with pytest.raises(ValueError, match="Unsupported"):
-        load_raw_datasets(train_file=str(tmp_path / "train.parquet"), validation_file=str(tmp_path / "train.jsonl"))
+    (tmp_path / "train.txt").write_text("a\n")
+    with pytest.raises(ValueError, match=r"--train_file .*train\.txt: unknown file format '\.txt'.*\.parquet"):
+        load_raw_datasets(train_file=str(tmp_path / "train.txt"), validation_file=str(tmp_path / "train.jsonl"))
+
+
+def test_one_file_loader_for_every_script(tmp_path):
+    """Classification reads .parquet like the generative scripts do (one data layer), and both name the flag."""
+    from datasets import Dataset
+
+    from hf_dreg.recipes.data import DatasetArguments, load_splits
+
+    Dataset.from_dict({"text": ["a b", "c", "d e f"], "label": [0, 1, 0]}).to_parquet(str(tmp_path / "train.parquet"))
+    (tmp_path / "dev.jsonl").write_text('{"text": "g", "label": 1}\n')
+    raw = load_raw_datasets(train_file=str(tmp_path / "train.parquet"), validation_file=str(tmp_path / "dev.jsonl"))
+    assert raw["train"]["text"] == ["a b", "c", "d e f"] and raw["validation"]["label"] == [1]
+    train, _, _ = load_splits(DatasetArguments(train_file=str(tmp_path / "train.parquet"), validation_split_percentage=0), seed=0)
+    assert train["text"] == raw["train"]["text"]
+    for load in (lambda: load_raw_datasets(train_file=str(tmp_path / "no.csv"), validation_file=str(tmp_path / "dev.jsonl")),
+                 lambda: load_splits(DatasetArguments(train_file=str(tmp_path / "no.csv")), seed=0)):
+        with pytest.raises(FileNotFoundError, match=r"--train_file .*no\.csv: no such file"):
+            load()
+
+
+def test_dataset_config_has_one_name_in_every_script():
+    """--dataset_config_name everywhere (classification, SFT, seq2seq); TRL's --dataset_config is its alias."""
+    from transformers import HfArgumentParser
+
+    from hf_dreg.recipes.classification import DataArguments
+    from hf_dreg.recipes.data import DatasetArguments
+
+    assert "dataset_config_name" in DataArguments.__dataclass_fields__
+    assert "dataset_config" not in DatasetArguments.__dataclass_fields__
+    for flag in ("--dataset_config_name", "--dataset_config"):
+        (args,) = HfArgumentParser(DatasetArguments).parse_args_into_dataclasses(["--dataset_name", "cnn_dailymail", flag, "3.0.0"])
+        assert args.dataset_config_name == "3.0.0"
 
 
 # ---- check_columns -------------------------------------------------------------------------------

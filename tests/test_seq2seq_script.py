@@ -14,9 +14,9 @@ import math
 import random
 
 import pytest
+import tiny_lm
 from huggingface_hub import ModelCard
 
-import tiny_lm
 from hf_dreg.metrics import load_metric
 from hf_dreg.model_card import metric_results
 from hf_dreg.recipes.seq2seq import main, parse_seq2seq_args
@@ -106,7 +106,7 @@ def test_bart_with_max_train_samples_and_loss_only_evaluation(checkpoints, tmp_p
 @pytest.mark.parametrize(
     "extra, error, message",
     [
-        (["--target_column", "summary"], ValueError, r"Column 'summary' not found in the training data.*\['source', 'target'\].*--target_column"),
+        (["--target_column", "summary"], ValueError, r"Column 'summary' not found in the 'training' split.*\['source', 'target'\].*--target_column"),
         (["--source_column", "article"], ValueError, r"Column 'article' not found.*--source_column"),
         (["--validation_file", "missing.jsonl"], FileNotFoundError, r"--validation_file missing\.jsonl: no such file"),
         (["--train_file", str(FIXTURES / "README.md")], ValueError, r"--train_file .*unknown file format '\.md'"),

@@ -13,16 +13,16 @@ import json
 import math
 
 import pytest
+import tiny_lm
 import torch
 import transformers as tf
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-import tiny_lm
 from hf_dreg import DREGConfig
 from hf_dreg.model_card import metric_results
+from hf_dreg.recipes.data import DatasetArguments, load_splits
 from hf_dreg.recipes.sft import main, parse_sft_args
-from hf_dreg.recipes.text_data import DatasetArguments, load_splits
 
 FIXTURES = tiny_lm.FIXTURES
 REPO = FIXTURES.parents[1]

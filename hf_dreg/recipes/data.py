@@ -1,8 +1,11 @@
 """Data, through ``datasets`` only: loading, column checks, few-shot subsets, label and input noise.
 
-- ``load_raw_datasets``: a hub dataset by name, local jsonl/json/csv/npz files, a folder of such
-  files, or an image folder, as a ``DatasetDict`` with "train" and "validation".
-- ``check_columns``: a clear error when a column the run needs is missing.
+- ``load_file``: one local file (.jsonl/.json/.csv/.parquet, or .npz images), errors naming the flag.
+- ``load_raw_datasets`` (classification): a hub dataset by name, local files, a folder of such files, or
+  an image folder, as a ``DatasetDict`` with "train" and "validation".
+- ``DatasetArguments``, ``load_splits`` (the generative scripts, ``run_sft.py`` and ``run_seq2seq.py``): a
+  hub dataset or local files, train and evaluation splits after the seeded low-data selection.
+- ``check_columns``: a clear error when a column the run needs is missing, naming the flag to fix it.
 - ``select_samples_per_class``, ``apply_label_noise``: seeded few-shot subsets and symmetric label noise.
 - ``add_text_noise``, ``add_image_noise``: seeded evaluation-time noise on the tensors the model sees.
 - ``vader_lexicon_dataset``: an embedded sentiment data set (the VADER lexicon words), no download.
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +29,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, l
 logger = logging.getLogger(__name__)
 
 LABEL_NAMES_FILE = "labels.json"
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".npz": "npz"}
+# local file suffix -> datasets builder (npz: arrays 'images' and 'labels', read here)
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".npz": "npz"}
 _SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -90,7 +96,7 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
     found = {}
     for split, stems in _SPLIT_STEMS.items():
         for stem in stems:
-            matches = [folder / f"{stem}{suffix}" for suffix in _BUILDERS if (folder / f"{stem}{suffix}").is_file()]
+            matches = [folder / f"{stem}{suffix}" for suffix in FILE_BUILDERS if (folder / f"{stem}{suffix}").is_file()]
             if matches:
                 found[split] = matches[0]
                 break
@@ -98,7 +104,7 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
 
 
 def _load_files(files: dict[str, Path], label_column: str) -> DatasetDict:
-    raw = DatasetDict({split: _load_file(path) for split, path in files.items()})
+    raw = DatasetDict({split: load_file(path, f"--{split}_file") for split, path in files.items()})
     names_file = next((p.parent / LABEL_NAMES_FILE for p in files.values() if (p.parent / LABEL_NAMES_FILE).is_file()), None)
     if names_file is not None:
         names = json.loads(names_file.read_text(encoding="utf-8"))
@@ -108,12 +114,17 @@ def _load_files(files: dict[str, Path], label_column: str) -> DatasetDict:
     return raw
 
 
-def _load_file(path: Path) -> Dataset:
+def load_file(path: str | Path, flag: str = "--train_file") -> Dataset:
+    """One local data file as a ``Dataset``; ``flag`` is the option that named it (for the error messages)."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Data file not found: {path}")
-    builder = _BUILDERS.get(path.suffix.lower())
+        raise FileNotFoundError(f"{flag} {path}: no such file. Pass the path of an existing {'/'.join(FILE_BUILDERS)} file.")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"Unsupported data file {path}: use one of {', '.join(_BUILDERS)}.")
+        raise ValueError(
+            f"{flag} {path}: unknown file format {path.suffix or '(no suffix)'!r}. Use one of "
+            f"{', '.join(FILE_BUILDERS)} (.jsonl: one JSON object per line)."
+        )
     if builder == "npz":
         return _load_npz(path)
     return load_dataset(builder, data_files={"data": str(path)}, split="data")
@@ -144,22 +155,142 @@ def _flag_for(column: str) -> str:
     return _FLAG_BY_ROLE["text"]
 
 
-def check_columns(ds: Dataset | DatasetDict, *columns: str, flags: dict[str, str] | None = None) -> None:
+def check_columns(
+    ds: Dataset | DatasetDict, *columns: str, flags: dict[str, str] | None = None, split: str | None = None
+) -> None:
     """Raise a ``ValueError`` naming a missing column, the columns there are, and the flag to fix it.
 
     The flag is guessed from the column name (label-like: ``--label_column``, image-like:
     ``--image_column``, otherwise ``--text_column``); ``flags={"sentence": "--text_column"}`` overrides.
+    ``split`` names a single ``Dataset``'s split in the message (a ``DatasetDict`` names its own).
     """
-    splits = ds.items() if isinstance(ds, DatasetDict) else [(None, ds)]
-    for split, part in splits:
+    splits = ds.items() if isinstance(ds, DatasetDict) else [(split, ds)]
+    for name, part in splits:
         for column in columns:
             if column not in part.column_names:
-                where = f" in the {split!r} split" if split else ""
+                where = f" in the {name!r} split" if name else ""
                 flag = (flags or {}).get(column) or _flag_for(column)
                 raise ValueError(
                     f"Column {column!r} not found{where}; the columns are {part.column_names}. "
                     f"Name the right one with {flag} <column>."
                 )
+
+
+
+# ---- the generative scripts' data (run_sft.py, run_seq2seq.py): a hub dataset or local files ----------
+
+
+@dataclass
+class DatasetArguments:
+    """Which data to train and evaluate on (a hub dataset or local files), and how much of it."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset id (or a local dataset folder)."})
+    dataset_config_name: str | None = field(
+        default=None,
+        metadata={"help": "The hub dataset's configuration name.", "aliases": ["--dataset_config"]},  # TRL's name for it
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "The hub dataset's training split."})
+    dataset_test_split: str = field(
+        default="test",
+        metadata={"help": "The hub dataset's evaluation split (a 'validation' split is used when this one is absent)."},
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training data: .jsonl (one JSON object per line), .json, .csv or .parquet."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data (same formats)."})
+    validation_split_percentage: float = field(
+        default=5,
+        metadata={
+            "help": "Without a validation file (or hub evaluation split): hold out this percentage of the training "
+            "data for evaluation (seeded; 0 = no evaluation)."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many examples (low-data runs)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded subset of this size."})
+
+    def __post_init__(self):
+        if self.dataset_name and (self.train_file or self.validation_file):
+            raise ValueError(
+                "Pass either --dataset_name (a hub dataset) or --train_file/--validation_file (local files), not both."
+            )
+        if not self.dataset_name and not self.train_file:
+            raise ValueError(
+                "No training data: pass --dataset_name <hub dataset id> or --train_file <file.jsonl> "
+                "(one JSON object per line)."
+            )
+        for flag in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} must be >= 1 (or left out to use every example), got {value}.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+
+
+def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def load_splits(args: DatasetArguments, seed: int, evaluate: bool = True) -> tuple[Dataset, Dataset | None, dict]:
+    """(train, evaluation or None, record) after the seeded selection of ``max_train_samples``/``max_eval_samples``.
+
+    Evaluation data: ``--validation_file``; else the hub dataset's ``--dataset_test_split`` (or its
+    "validation" split); else ``--validation_split_percentage`` of the training data, held out
+    before the training subset is drawn. ``evaluate=False`` loads no evaluation data.
+    """
+    record: dict = {}
+    evaluation = None
+    if args.dataset_name:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        if not isinstance(raw, DatasetDict):
+            raw = DatasetDict(train=raw)
+        if args.dataset_train_split not in raw:
+            raise ValueError(
+                f"--dataset_train_split {args.dataset_train_split!r}: {args.dataset_name} has no such split "
+                f"(it has {sorted(raw)})."
+            )
+        train = raw[args.dataset_train_split]
+        record["source"] = args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
+        test_split = next((s for s in (args.dataset_test_split, "validation") if s in raw and s != args.dataset_train_split), None)
+        if evaluate and test_split is not None:
+            evaluation = raw[test_split]
+            record["evaluation"] = f"split {test_split!r}"
+            record["eval_split"] = test_split
+    else:
+        train = load_file(args.train_file, "--train_file")
+        record["source"] = os.path.basename(args.train_file)
+        if evaluate and args.validation_file:
+            evaluation = load_file(args.validation_file, "--validation_file")
+            record["evaluation"] = os.path.basename(args.validation_file)
+            record["eval_split"] = "validation"
+    if evaluate and evaluation is None and args.validation_split_percentage > 0:
+        parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+        record["evaluation"] = f"{args.validation_split_percentage:g}% of the training data, held out"
+        record["eval_split"] = f"{args.dataset_train_split if args.dataset_name else 'train'} (held out)"
+    if len(train) == 0:
+        raise ValueError(f"The training data ({record['source']}) has no examples.")
+    record["train_available"] = len(train)
+    train = _subset(train, args.max_train_samples, seed)
+    record["max_train_samples"] = args.max_train_samples
+    record["train_examples"] = len(train)
+    if evaluation is not None:
+        evaluation = _subset(evaluation, args.max_eval_samples, seed)
+        record["eval_examples"] = len(evaluation)
+    return train, evaluation, record
+
+
+def dataset_card_info(args: DatasetArguments, record: dict) -> dict:
+    """What the model card says about the data: the hub id (or the file) and the evaluation split."""
+    split = record.get("eval_split")
+    if args.dataset_name:
+        return {"name": args.dataset_name, "type": args.dataset_name, "config": args.dataset_config_name, "split": split, "hub": True}
+    evaluated = args.validation_file or args.train_file
+    builder = FILE_BUILDERS.get(Path(evaluated).suffix.lower(), "json")
+    return {"name": os.path.basename(evaluated), "type": builder, "split": split, "hub": False}
 
 
 # ---- few-shot subsets and label noise ------------------------------------------------------------
@@ -319,11 +450,15 @@ def vader_lexicon_dataset(seed: int = 0, threshold: float = 1.5, validation_per_
 
 
 __all__ = [
+    "DatasetArguments",
     "add_image_noise",
     "add_text_noise",
     "apply_label_noise",
     "check_columns",
+    "dataset_card_info",
+    "load_file",
     "load_raw_datasets",
+    "load_splits",
     "read_vader_lexicon",
     "select_samples_per_class",
     "vader_lexicon_dataset",

@@ -1,7 +1,7 @@
 """Fine-tuning an encoder-decoder (T5, BART...) with DREG: the logic behind ``scripts/run_seq2seq.py``.
 
 Arguments (``parse_seq2seq_args``): :class:`Seq2SeqModelArguments`, :class:`Seq2SeqDataArguments`
-(the data flags of :class:`~hf_dreg.recipes.text_data.DatasetArguments` plus ``--source_column``,
+(the data flags of :class:`~hf_dreg.recipes.data.DatasetArguments` plus ``--source_column``,
 ``--target_column``, ``--source_prefix``, ``--max_source_length``, ``--max_target_length``),
 ``transformers.Seq2SeqTrainingArguments`` and :class:`~hf_dreg.DREGConfig`, as flags or as one
 YAML/JSON file. ``run_seq2seq`` trains ``hf_dreg.with_dreg(Seq2SeqTrainer)`` with
@@ -13,7 +13,6 @@ saves the model, the metrics and the model card, and with ``--push_to_hub`` push
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,9 +20,10 @@ import transformers as tf
 
 from ..config import DREGConfig
 from ..metrics import load_metric
-from .text_data import DatasetArguments, check_columns, dataset_card_info, load_splits
-from .train_and_save import train_evaluate_save
 from ..trainer import with_dreg
+from .arguments import parse_arguments
+from .data import DatasetArguments, check_columns, dataset_card_info, load_splits
+from .train_and_save import train_evaluate_save
 
 logger = tf.utils.logging.get_logger(__name__)
 
@@ -55,13 +55,7 @@ class Seq2SeqDataArguments(DatasetArguments):
 
 def parse_seq2seq_args(argv: list[str] | None = None):
     """(Seq2SeqModelArguments, Seq2SeqDataArguments, Seq2SeqTrainingArguments, DREGConfig) from flags or one .yaml/.json file."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = tf.HfArgumentParser((Seq2SeqModelArguments, Seq2SeqDataArguments, tf.Seq2SeqTrainingArguments, DREGConfig))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_arguments((Seq2SeqModelArguments, Seq2SeqDataArguments, tf.Seq2SeqTrainingArguments, DREGConfig), argv)
 
 
 def generation_metrics(tokenizer):
@@ -115,9 +109,9 @@ def run_seq2seq(model_args: Seq2SeqModelArguments, data_args: Seq2SeqDataArgumen
     seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     train, evaluation, record = load_splits(data_args, seed)
     needed = {data_args.source_column: "--source_column", data_args.target_column: "--target_column"}
-    check_columns(train, "training", needed)
+    check_columns(train, *needed, flags=needed, split="training")
     if evaluation is not None:
-        check_columns(evaluation, "evaluation", needed)
+        check_columns(evaluation, *needed, flags=needed, split="evaluation")
 
     name = model_args.model_name_or_path
     common = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)

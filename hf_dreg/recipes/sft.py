@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a causal LM with DREG, TRL's way: the logic behind ``scripts/run_sft.py``.
 
-Arguments (``parse_sft_args``): :class:`~hf_dreg.recipes.text_data.DatasetArguments`, ``trl.SFTConfig``,
+Arguments (``parse_sft_args``): :class:`~hf_dreg.recipes.data.DatasetArguments`, ``trl.SFTConfig``,
 ``trl.ModelConfig`` (``--model_name_or_path``, ``--dtype``, the LoRA flags ``--use_peft --lora_r
 --lora_alpha --lora_target_modules ...``) and :class:`~hf_dreg.DREGConfig`, as flags, as one YAML
 file (the only argument) or as ``--config file.yaml`` (``trl.TrlParser``; flags override it).
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import transformers as tf
 
 from ..config import DREGConfig
-from .text_data import DatasetArguments, dataset_card_info, load_splits
+from .data import DatasetArguments, dataset_card_info, load_splits
 from .train_and_save import train_evaluate_save
 
 try:
