@@ -38,6 +38,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from hf_dreg.recipes.data import _find_split_files, _load_files, _per_class_indices, apply_label_noise, check_columns
 from hf_dreg.recipes.results_store import append_result, read_results
+
 from .sweep import Cell, expand_grid, versions
 
 SELECTION_KEYS = ("eval_at", "validation_size")  # flags of a cell that are not run arguments
@@ -152,7 +153,7 @@ class FeatureCache:
         self._cache = {}
 
     def get(self, model_args, data_args, seed: int, validation_size: int):
-        from hf_dreg.recipes.tune import Featurizer
+        from hf_dreg.recipes.featurize import Featurizer
 
         key = (data_args.data_dir, data_args.train_file, data_args.dataset_name, data_args.samples_per_class,
                data_args.max_train_samples, data_args.label_noise, seed, validation_size, model_args.model_type,
@@ -167,17 +168,14 @@ class FeatureCache:
 
 def parse_cell(flags: dict):
     """(ModelArguments, DataArguments, DREGTrainingArguments, eval_at, validation_size) of a cell's flags."""
-    from hf_dreg.training_args import DREGTrainingArguments
-    from hf_dreg.recipes.classification import DataArguments
-    from hf_dreg.recipes.models import ModelArguments
+    from hf_dreg.recipes.arguments import classification_arguments
 
     flags = dict(flags)
     eval_at = sorted(int(s) for s in flags.pop("eval_at"))
     validation_size = int(flags.pop("validation_size", 500))
     flags.update(max_steps=max(eval_at), eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True)
     flags.setdefault("output_dir", "unused")
-    parser = tf.HfArgumentParser((ModelArguments, DataArguments, DREGTrainingArguments))
-    model_args, data_args, training_args = parser.parse_dict(flags)
+    model_args, data_args, training_args = classification_arguments(flags)
     if training_args.regularizer != "none":
         raise ValueError(f"The selection trains the plain baseline only; this cell has regularizer={training_args.regularizer!r}.")
     return model_args, data_args, training_args, eval_at, validation_size

@@ -96,13 +96,12 @@ def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]
 
 
 def versions() -> dict:
-    from hf_dreg.recipes.provenance import code_revision
-
     import datasets
     import torch
     import transformers
 
     from hf_dreg import __version__
+    from hf_dreg.recipes.provenance import code_revision
 
     return {
         "hf_dreg": __version__,
@@ -117,12 +116,10 @@ def versions() -> dict:
 def run_cell(cell: Cell, threads: int | None = None) -> dict:
     """Run one cell in this process; returns its record (config, metrics, wall time, versions)."""
     import torch
-    from transformers import HfArgumentParser
     from transformers.utils import logging as hf_logging
 
-    from hf_dreg.training_args import DREGTrainingArguments
-    from hf_dreg.recipes.classification import DataArguments, run_classification
-    from hf_dreg.recipes.models import ModelArguments
+    from hf_dreg.recipes.arguments import classification_arguments
+    from hf_dreg.recipes.classification import run_classification
 
     if threads:
         torch.set_num_threads(threads)
@@ -131,8 +128,7 @@ def run_cell(cell: Cell, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="hf_dreg_cell_") as tmp:
         flags = {"output_dir": tmp, "report_to": [], "disable_tqdm": True, "save_strategy": "no", **cell.flags}
         flags["output_dir"] = tmp
-        parser = HfArgumentParser((ModelArguments, DataArguments, DREGTrainingArguments))
-        model_args, data_args, training_args = parser.parse_dict(flags)
+        model_args, data_args, training_args = classification_arguments(flags)
         result = run_classification(model_args, data_args, training_args, save=False, quiet=True)
     return {
         "cell": cell.id,

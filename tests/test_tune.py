@@ -26,7 +26,6 @@ from datasets import Dataset
 from hf_dreg import DREGTrainer, DREGTrainingArguments
 from hf_dreg.recipes.classification import DataArguments
 from hf_dreg.recipes.models import ModelArguments
-from hf_dreg.search_space import LAMBDA_RANGE, DREGSearchSpace, default_hp_space
 from hf_dreg.recipes.tune import (
     RESULTS_FILE,
     RUNS_FILE,
@@ -37,6 +36,7 @@ from hf_dreg.recipes.tune import (
     run_tune,
     stratified_split,
 )
+from hf_dreg.search_space import LAMBDA_RANGE, DREGSearchSpace, default_hp_space
 
 optuna = pytest.importorskip("optuna")
 
@@ -426,8 +426,9 @@ def test_stratified_split_keeps_the_class_shares_and_names_the_fix():
 @pytest.mark.slow
 def test_search_on_ray_tune(data_dir, tmp_path, tokenizer):
     ray = pytest.importorskip("ray")
-    from hf_dreg.recipes.tune import Featurizer, search
     from hf_dreg.recipes.classification import prepare_splits
+    from hf_dreg.recipes.featurize import Featurizer
+    from hf_dreg.recipes.tune import search
 
     model_args, data_args, training_args, tune_args = _arguments(data_dir, tmp_path / "out", backend="ray", n_trials=2)
     splits, _ = prepare_splits(data_args, 0)

@@ -13,26 +13,24 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import transformers as tf
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import DatasetDict
 
-from ..training_args import DREGTrainingArguments
+from ..metrics import classification_metrics
 from ..modeling.diagnostics import per_site_dreg
 from ..modeling.sites import NoSitesError
+from ..trainer import DREGTrainer
+from ..training_args import DREGTrainingArguments
 from .data import (
-    add_image_noise,
-    add_text_noise,
     apply_label_noise,
     check_columns,
     load_raw_datasets,
     select_samples_per_class,
 )
-from ..metrics import classification_metrics
-from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
+from .featurize import Featurizer, is_image_data
+from .models import ModelArguments
 from .provenance import code_revision
-from ..trainer import DREGTrainer
 
 logger = tf.utils.logging.get_logger(__name__)
 
@@ -62,17 +60,6 @@ class DataArguments:
     )
 
 
-def _is_image_data(ds: Dataset, data_args: DataArguments) -> bool:
-    return data_args.image_column in ds.column_names
-
-
-def _label_names(ds: Dataset, label_column: str) -> list[str]:
-    feature = ds.features[label_column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    return [str(v) for v in sorted(set(ds[label_column]))]
-
-
 def prepare_splits(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict]:
     """Raw train/validation splits after the low-data options, and a record of what was done."""
     raw = load_raw_datasets(
@@ -83,7 +70,7 @@ def prepare_splits(data_args: DataArguments, seed: int) -> tuple[DatasetDict, di
         data_dir=data_args.data_dir,
         label_column=data_args.label_column,
     )
-    input_column = data_args.image_column if _is_image_data(raw["train"], data_args) else data_args.text_column
+    input_column = data_args.image_column if is_image_data(raw["train"], data_args) else data_args.text_column
     for split in ("train", "validation"):
         check_columns(raw[split], input_column, data_args.label_column)
     train, evaluation = raw["train"], raw["validation"]
@@ -106,49 +93,6 @@ def prepare_splits(data_args: DataArguments, seed: int) -> tuple[DatasetDict, di
         "eval_noise": data_args.eval_noise,
     }
     return DatasetDict(train=train, validation=evaluation), regime
-
-
-def _image_shape(ds: Dataset, column: str) -> tuple[int, int, int]:
-    array = np.asarray(ds[0][column])
-    return (1, *array.shape) if array.ndim == 2 else (array.shape[2], array.shape[0], array.shape[1])
-
-
-def _text_features(splits, data_args, model_args, tokenizer):
-    def tokenize(batch):
-        out = tokenizer(batch[data_args.text_column], truncation=True, max_length=model_args.max_seq_length)
-        out["labels"] = batch[data_args.label_column]
-        return out
-
-    return splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="tokenize")
-
-
-def _image_features(splits, data_args, processor, noise: float = 0.0, seed: int = 0):
-    """Pixel values as the model sees them (with seeded Gaussian noise of std ``noise``) and labels."""
-
-    def transform(batch, indices):
-        out = processor(images=batch[data_args.image_column], return_tensors="pt")
-        pixels = out["pixel_values"]
-        if noise > 0:
-            pixels = torch.stack(
-                [add_image_noise(p, noise, torch.Generator().manual_seed(seed * 1_000_003 + i)) for p, i in zip(pixels, indices)]
-            )
-        return {"pixel_values": pixels, "labels": batch[data_args.label_column]}
-
-    columns = [data_args.image_column, data_args.label_column]
-    return splits.map(transform, batched=True, with_indices=True, remove_columns=columns, desc="pixels").with_format("torch")
-
-
-def _noisy_text(dataset: Dataset, tokenizer, p: float, seed: int) -> Dataset:
-    special = list(tokenizer.all_special_ids)
-
-    def corrupt(batch, indices):
-        rows = []
-        for ids, i in zip(batch["input_ids"], indices):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            rows.append(add_text_noise(torch.tensor(ids), None, p, len(tokenizer), special, g).tolist())
-        return {"input_ids": rows}
-
-    return dataset.map(corrupt, batched=True, with_indices=True, desc="text noise")
 
 
 def _per_site_values(trainer, model, dataset, collator, training_args, max_batches: int = 8) -> dict[str, float]:
@@ -178,20 +122,10 @@ def run_classification(
     seed = training_args.seed if training_args.data_seed is None else training_args.data_seed  # subsets and noise
     tf.set_seed(training_args.seed)
     splits, regime = prepare_splits(data_args, seed)
-    names = _label_names(splits["train"], data_args.label_column)
-    id2label = dict(enumerate(names))
-    images = _is_image_data(splits["train"], data_args)
-    if images:
-        shape = _image_shape(splits["train"], data_args.image_column)
-        processor = build_image_processor(model_args, shape)
-        model = build_model(model_args, len(names), id2label, image_shape=shape)
-        features = _image_features(splits, data_args, processor)
-        collator = tf.DefaultDataCollator()
-    else:
-        processor = build_tokenizer(model_args)
-        model = build_model(model_args, len(names), id2label)
-        features = _text_features(splits, data_args, model_args, processor)
-        collator = tf.DataCollatorWithPadding(processor)
+    featurizer = Featurizer(model_args, data_args, splits["train"])
+    model = featurizer.model_init()
+    features = DatasetDict({name: featurizer.features(split) for name, split in splits.items()})
+    processor, collator = featurizer.processor, featurizer.collator
     trainer = DREGTrainer(
         model=model,
         args=training_args,
@@ -210,10 +144,7 @@ def run_classification(
     # the training examples themselves (clean, with the labels trained on): training accuracy, for the gap
     metrics.update(trainer.evaluate(features["train"], metric_key_prefix="eval_train"))
     if data_args.eval_noise > 0:
-        if images:
-            noisy = _image_features(splits["validation"], data_args, processor, data_args.eval_noise, seed)
-        else:
-            noisy = _noisy_text(features["validation"], processor, data_args.eval_noise, seed)
+        noisy = featurizer.features(splits["validation"], data_args.eval_noise, seed)
         metrics.update(trainer.evaluate(noisy, metric_key_prefix="eval_noisy"))
     site_values = _per_site_values(trainer, model, features["validation"], collator, training_args)
     # every measurement, also those made after the last logging step (logging_steps > max_steps logs none)

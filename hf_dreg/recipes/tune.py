@@ -32,26 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import transformers as tf
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..training_args import DREGTrainingArguments
 from ..config import REGULARIZERS
-from .classification import (
-    DataArguments,
-    _image_features,
-    _image_shape,
-    _is_image_data,
-    _label_names,
-    _noisy_text,
-    _text_features,
-    prepare_splits,
-)
 from ..metrics import classification_metrics
-from .models import ModelArguments, build_image_processor, build_model, build_tokenizer
-from .results_store import append_result, read_results
 from ..search_space import LAMBDA_RANGE, DREGSearchSpace
 from ..trainer import DREGTrainer
+from ..training_args import DREGTrainingArguments
+from .arguments import CLASSIFICATION_ARGUMENTS, parse_arguments
+from .classification import DataArguments, prepare_splits
+from .featurize import Featurizer
+from .models import ModelArguments
+from .results_store import append_result, read_results
 
 logger = tf.utils.logging.get_logger(__name__)
 
@@ -143,33 +136,6 @@ def stratified_split(ds: Dataset, fraction: float, label_column: str = "label", 
             f"({len(np.unique(labels))} classes): {error} Raise --validation_fraction or train on more examples per class."
         ) from None
     return ds.select(sorted(rest.tolist())), ds.select(sorted(held_out.tolist()))
-
-
-class Featurizer:
-    """Turns raw splits into what the model sees, and builds fresh models (text or images, as finetune.py)."""
-
-    def __init__(self, model_args: ModelArguments, data_args: DataArguments, train: Dataset):
-        self.model_args, self.data_args = model_args, data_args
-        self.images = _is_image_data(train, data_args)
-        self.id2label = dict(enumerate(_label_names(train, data_args.label_column)))
-        if self.images:
-            self.shape = _image_shape(train, data_args.image_column)
-            self.processor = build_image_processor(model_args, self.shape)
-            self.collator = tf.DefaultDataCollator()
-        else:
-            self.shape = None
-            self.processor = build_tokenizer(model_args)
-            self.collator = tf.DataCollatorWithPadding(self.processor)
-
-    def features(self, raw: Dataset, noise: float = 0.0, seed: int = 0) -> Dataset:
-        splits = DatasetDict(train=raw)  # the split name finetune.py's helpers read
-        if self.images:
-            return _image_features(splits, self.data_args, self.processor, noise, seed)["train"]
-        features = _text_features(splits, self.data_args, self.model_args, self.processor)["train"]
-        return _noisy_text(features, self.processor, noise, seed) if noise > 0 else features
-
-    def model_init(self):
-        return build_model(self.model_args, len(self.id2label), self.id2label, image_shape=self.shape)
 
 
 # ---- arguments of the runs -----------------------------------------------------------------------
@@ -630,15 +596,7 @@ def run_tune(
 
 def parse_tune_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, DREGTrainingArguments, TuneArguments) from flags or one .yaml/.json file."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    parser = tf.HfArgumentParser((ModelArguments, DataArguments, DREGTrainingArguments, TuneArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_arguments((*CLASSIFICATION_ARGUMENTS, TuneArguments), argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
