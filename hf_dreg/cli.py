@@ -94,8 +94,8 @@ def _other_families(model) -> list[str]:
 def _scan(args) -> int:
     from transformers import AutoConfig
 
-    from .recipes.models import resolve_checkpoint
     from .modeling.sites import NoSitesError
+    from .recipes.models import resolve_checkpoint
 
     path = resolve_checkpoint(args.model)
     config = AutoConfig.from_pretrained(path)

@@ -32,10 +32,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from .training_args import DEFAULT_DREG_LAMBDA, DREGTrainingArguments
-from .recipes.data import VADER_LABELS, select_samples_per_class, vader_lexicon_dataset
 from .metrics import classification_metrics
+from .recipes.data import VADER_LABELS, select_samples_per_class, vader_lexicon_dataset
 from .trainer import DREGTrainer
+from .training_args import DEFAULT_DREG_LAMBDA, DREGTrainingArguments
 
 
 @dataclass

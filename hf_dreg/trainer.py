@@ -28,12 +28,12 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .training_args import DREGTrainingArguments, require_non_reentrant_checkpointing
-from .modeling.hooks import check_finite
 from .config import AUTO, CONFIG_NAME, DREGConfig
 from .modeling.diagnostics import gradient_norms
+from .modeling.hooks import check_finite
 from .modeling.positions import count_positions, position_masks
 from .regularizers import DREG, StepInfo, build_regularizer
+from .training_args import DREGTrainingArguments, require_non_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
 

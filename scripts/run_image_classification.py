@@ -7,8 +7,8 @@
 Every flag of ModelArguments, DataArguments and DREGTrainingArguments is accepted (--help lists them).
 """
 
-from hf_dreg.recipes.classification import run_classification
 from hf_dreg.recipes.arguments import parse_finetuning_args
+from hf_dreg.recipes.classification import run_classification
 
 
 def main():

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .baselines import SelectionConfig, choose_all, standard_error
 from hf_dreg.recipes.results_store import read_results
+
+from .baselines import SelectionConfig, choose_all, standard_error
 
 LOGREG_FILE = "pixel_logreg.json"
 PAPER_RESULTS = "study/results/paper/results.jsonl"
@@ -460,8 +461,9 @@ def logreg_references(config: SelectionConfig, C: float = 0.1) -> Path:
     validation split and (a reference only, after the fact) on the factorial's 500 evaluation images and the whole test file."""
     import dataclasses
 
-    from .baselines import parse_cell, pixel_logreg, selection_splits
     from hf_dreg.recipes.classification import prepare_splits
+
+    from .baselines import parse_cell, pixel_logreg, selection_splits
 
     results = {}
     cells = {dict(c.key)["dataset"]: c for c in config.cells()}

@@ -13,10 +13,10 @@ import sys
 
 import torch
 from datasets import Dataset
+from tiny_models import tiny_model
 from torch import nn
 
 from hf_dreg import DREGTrainer, DREGTrainingArguments
-from tiny_models import tiny_model
 
 N_EXAMPLES = 16  # two global batches of 8
 SEQ = 12

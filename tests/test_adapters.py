@@ -11,11 +11,11 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_inputs, tiny_model
 
 import hf_dreg
 from hf_dreg.modeling.layers import UnsupportedLayerError
 from hf_dreg.modeling.sites import find_sites
-from tiny_models import tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft")
 

@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
+from site_expectations import capture_inputs, expected_sites, reference_penalty, reference_per_position
+from tiny_models import tiny_inputs, tiny_model
 
 import hf_dreg
 from hf_dreg.ops import functions
 from hf_dreg.ops.kernels import KERNELS
-from site_expectations import capture_inputs, expected_sites, reference_penalty, reference_per_position
-from tiny_models import tiny_inputs, tiny_model
 
 _ACTIVATIONS = {"llama": "silu"}  # the default ("gelu") for the others
 

@@ -8,8 +8,8 @@ import os
 import pytest
 from transformers import HfArgumentParser
 
-from hf_dreg.training_args import DEFAULT_DREG_LAMBDA
 from hf_dreg.demo import DemoArguments, format_table, run_demo
+from hf_dreg.training_args import DEFAULT_DREG_LAMBDA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

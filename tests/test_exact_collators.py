@@ -14,17 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    DataCollatorForLanguageModeling,
-    DataCollatorForSeq2Seq,
-    DataCollatorWithFlattening,
-    Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
-    Trainer,
-)
-
-import hf_dreg
-from hf_dreg import DREGConfig, DREGTrainer, with_dreg
 from trainer_helpers import (
     classification_data,
     clone,
@@ -38,6 +27,17 @@ from trainer_helpers import (
     tokenizer,
     update_of,
 )
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+)
+
+import hf_dreg
+from hf_dreg import DREGConfig, DREGTrainer, with_dreg
 
 LAMBDA = 100.0  # large, so that the DREG share of the update is large and a wrong normalisation shows
 EXACT = 1e-5

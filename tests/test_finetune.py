@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import LOGGED, make_args, plain_sites, task_and_dreg_by_hand
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_dreg.cli import main as cli_main
+from hf_dreg.recipes.arguments import parse_finetuning_args
 from hf_dreg.recipes.classification import DataArguments, prepare_splits, run_classification
 from hf_dreg.recipes.models import ModelArguments
-from hf_dreg.recipes.arguments import parse_finetuning_args
-from trainer_helpers import LOGGED, make_args, plain_sites, task_and_dreg_by_hand
 
 REPO = Path(__file__).resolve().parents[1]
 

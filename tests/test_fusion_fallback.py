@@ -13,8 +13,8 @@ from torch._inductor import exc as inductor_exc
 from transformers import activations as A
 
 from hf_dreg.ops import formulas, functions, kernels
-from hf_dreg.ops.kernels import KERNELS
 from hf_dreg.ops.activations import spec_for
+from hf_dreg.ops.kernels import KERNELS
 
 _PHRASE = "fused DREG kernels unavailable"
 

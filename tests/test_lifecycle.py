@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from trainer_helpers import classification_data, hooked_modules, logs_with, make_args, tiny_text_model, tokenizer
 from transformers import TrainerCallback, TrainingArguments
 
 import hf_dreg
 from hf_dreg import DREGTrainer, DREGTrainingArguments
 from hf_dreg.modeling.hooks import PositionMismatchError
-from trainer_helpers import classification_data, hooked_modules, logs_with, make_args, tiny_text_model, tokenizer
 
 
 @pytest.fixture(scope="module")

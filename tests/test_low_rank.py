@@ -8,15 +8,14 @@ keeps: no tensor of a weight's size besides the parameters themselves.
 """
 
 import copy
-import importlib
 
 import pytest
 import torch
+from tiny_models import tiny_inputs, tiny_model
 
 import hf_dreg
 from hf_dreg.modeling.layers import weight_rows
 from hf_dreg.ops.low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
-from tiny_models import tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft")
 from hf_dreg.modeling import hooks as attach_module

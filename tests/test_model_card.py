@@ -7,17 +7,16 @@ classification script's card (on ../shared/data, skipped without it). Every card
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard
-
-from hf_dreg import DREGConfig, DREGTrainingArguments, with_dreg
-from hf_dreg.metrics import classification_metrics
-from hf_dreg.model_card import DREG_HEADING, metric_results
 from tiny_models import tiny_model
 from transformers import Trainer
+
+from hf_dreg import DREGTrainingArguments, with_dreg
+from hf_dreg.metrics import classification_metrics
+from hf_dreg.model_card import DREG_HEADING, metric_results
 
 
 def _data(n: int = 16, seq: int = 6, seed: int = 0) -> Dataset:

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from torch import nn
+from toy_mlp import ToyModel, reference_penalty
 from transformers import activations as A
 
 import hf_dreg
-from hf_dreg.ops.functions import plain_site_penalty, gated_site_penalty, row_stats, row_dots
 from hf_dreg.ops.activations import spec_for
-from toy_mlp import ToyModel, reference_penalty
+from hf_dreg.ops.functions import gated_site_penalty, plain_site_penalty, row_dots, row_stats
 
 ACTIVATIONS = {
     "GELUActivation": A.GELUActivation,
@@ -104,8 +104,8 @@ def test_functions_pass_gradcheck(act):
 # ---- the fused activation + penalty node, the (z, a) derivatives, the row statistics ------------------
 
 from hf_dreg.ops import functions  # noqa: E402
-from hf_dreg.ops.kernels import KERNELS  # noqa: E402
 from hf_dreg.ops.functions import gated_row_stats, plain_site_activation  # noqa: E402
+from hf_dreg.ops.kernels import KERNELS  # noqa: E402
 
 PAIRED = [name for name in ACTIVATIONS if spec_for(ACTIVATIONS[name]()).pair is not None]
 
@@ -271,9 +271,10 @@ def test_hooks_and_penalty_read_no_value_back_to_the_host(monkeypatch):
     import tempfile
     from pathlib import Path
 
+    from tiny_models import tiny_inputs, tiny_model
+
     from hf_dreg import DREGTrainingArguments
     from hf_dreg.regularizers import StepInfo, build_regularizer
-    from tiny_models import tiny_inputs, tiny_model
 
     package = Path(functions.__file__).resolve().parents[1]
     watched = {str(package / name) for name in ("ops/formulas.py", "ops/functions.py", "ops/kernels.py", "ops/activations.py", "modeling/hooks.py")}

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from trainer_helpers import classification_data, make_args, tiny_text_model, tokenizer
 from transformers import TrainerCallback
 
 import hf_dreg
 from hf_dreg import DREGConfig, DREGTrainer
-from trainer_helpers import classification_data, make_args, tiny_text_model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-
-from hf_dreg import DREGTrainer, DREGTrainingArguments
-from hf_dreg.regularizers import PowerIteration, StepInfo, jacobian_frobenius
 from tiny_models import tiny_inputs, tiny_model
 from trainer_helpers import (
     LOGGED,
@@ -29,6 +26,9 @@ from trainer_helpers import (
     tiny_text_model,
     tokenizer,
 )
+
+from hf_dreg import DREGTrainer, DREGTrainingArguments
+from hf_dreg.regularizers import PowerIteration, StepInfo, jacobian_frobenius
 
 REGS = ["none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg"]
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from site_expectations import expected_sites
+from tiny_models import EXPECTED_KIND, FAMILIES, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hf_dreg
 from hf_dreg.modeling.sites import NoSitesError, find_sites
-from site_expectations import expected_sites
-from tiny_models import EXPECTED_KIND, FAMILIES, tiny_model
 
 _MODELS = {}
 

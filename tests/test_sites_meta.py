@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from site_expectations import expected_sites
+from tiny_models import FAMILIES, _config, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hf_dreg
 from hf_dreg.modeling.sites import MetaProbeError, NoSitesError, find_sites
-from site_expectations import expected_sites
-from tiny_models import FAMILIES, _config, tiny_model
 
 _HF_DREG = Path(hf_dreg.__file__).resolve().parent
 

@@ -9,9 +9,6 @@ it saw (sequential sampling, the Trainer's own padding collator, texts of unequa
 import logging
 
 import pytest
-from transformers import HfArgumentParser
-
-from hf_dreg import DREGTrainer, DREGTrainingArguments
 from trainer_helpers import (
     LOGGED,
     WORD_COUNTS_8,
@@ -31,6 +28,9 @@ from trainer_helpers import (
     tokenizer,
     with_weights,
 )
+from transformers import HfArgumentParser
+
+from hf_dreg import DREGTrainer, DREGTrainingArguments
 
 # twelve texts: three micro-batches of 4 per epoch, each padded to its own longest
 WORD_COUNTS_12 = WORD_COUNTS_8 + [14, 2, 25, 5]

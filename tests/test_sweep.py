@@ -1,11 +1,10 @@
 """The sweep runner (resumable, sharded, kill-safe JSONL) and the report."""
 
-import json
 
 import pytest
 
-from study.report import load_frame, wilcoxon_against, write_report
 from hf_dreg.recipes.results_store import append_result, read_results
+from study.report import load_frame, wilcoxon_against, write_report
 from study.sweep import SweepConfig, expand_grid, run_sweep, select_shard
 
 

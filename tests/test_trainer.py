@@ -19,12 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
-
-import hf_dreg
 from ddp_worker import padded_dataset, tiny_bert
-from hf_dreg import DREGTrainer
-from hf_dreg.trainer import DREG_CONFIG_NAME
 from trainer_helpers import (
     LOGGED,
     GradCapture,
@@ -41,6 +36,11 @@ from trainer_helpers import (
     task_and_dreg_by_hand,
     with_weights,
 )
+from transformers import Trainer, TrainingArguments
+
+import hf_dreg
+from hf_dreg import DREGTrainer
+from hf_dreg.trainer import DREG_CONFIG_NAME
 
 TESTS = Path(__file__).resolve().parent
 

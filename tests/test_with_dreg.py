@@ -14,11 +14,11 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from trainer_helpers import COMMON_ARGS, difference, logs_with, no_dropout, relative_difference, sgd, texts, tokenizer
 from transformers import HfArgumentParser, Seq2SeqTrainer, Trainer
 
 import hf_dreg
 from hf_dreg import DREGConfig, DREGTrainer, with_dreg
-from trainer_helpers import COMMON_ARGS, difference, logs_with, no_dropout, relative_difference, sgd, texts, tokenizer
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[trl]')")
 from trl import SFTConfig, SFTTrainer  # noqa: E402

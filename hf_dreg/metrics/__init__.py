@@ -8,9 +8,8 @@ folder, never the Hub.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import evaluate
 import numpy as np

@@ -19,18 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.activations import spec_for
-from .layers import penalty_weight_rows
+from ..ops.functions import (
+    gated_site_penalty_from_weights,
+    plain_site_activation_from_weight,
+    plain_site_penalty_from_weight,
+)
 from ..ops.low_rank import (
     LowRankRows,
     gated_site_penalty_low_rank,
     plain_site_activation_low_rank,
     plain_site_penalty_low_rank,
 )
-from ..ops.functions import (
-    gated_site_penalty_from_weights,
-    plain_site_activation_from_weight,
-    plain_site_penalty_from_weight,
-)
+from .layers import penalty_weight_rows
 from .positions import position_masks
 from .sites import PLAIN, Site, find_sites
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..ops.low_rank import LowRankRows
 from ..ops.formulas import compute_dtype
+from ..ops.low_rank import LowRankRows
 
 
 class UnsupportedLayerError(ValueError):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .formulas import compute_dtype
 from .functions import (
     GatedSitePenalty,
     PlainSiteActivation,
@@ -30,7 +31,6 @@ from .functions import (
     row_stats,
 )
 from .kernels import kernel as _kernel
-from .formulas import compute_dtype
 
 
 @dataclass

@@ -12,7 +12,6 @@ from .spectral_norm import PowerIteration, SpectralNorm
 from .weight_decay import WeightDecay
 
 
-
 def build_regularizer(model, config, seed: int = 0) -> Regularizer:
     """The regularizer ``config.regularizer`` for ``model`` (none when its strength is 0).
 

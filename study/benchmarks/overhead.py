@@ -71,8 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cost_table
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
 from hf_dreg.ops.kernels import KERNELS  # noqa: E402
-from hf_dreg.training_args import REGULARIZERS  # noqa: E402
 from hf_dreg.regularizers import StepInfo, build_regularizer  # noqa: E402
+from hf_dreg.training_args import REGULARIZERS  # noqa: E402
 
 PLAIN = "plain"
 LORA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]

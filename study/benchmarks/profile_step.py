@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import overhead  # noqa: E402
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
-from hf_dreg.ops import low_rank as _low_rank  # noqa: E402
 from hf_dreg.ops import functions  # noqa: E402
+from hf_dreg.ops import low_rank as _low_rank  # noqa: E402
 from hf_dreg.ops.kernels import KERNELS  # noqa: E402
 from hf_dreg.regularizers import build_regularizer  # noqa: E402
 
