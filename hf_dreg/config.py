@@ -15,13 +15,13 @@ import math
 from dataclasses import dataclass, field
 
 from .ops.activations import resolve_families
+from .regularizers import REGISTRY, REGULARIZERS
 
 DEFAULT_DREG_LAMBDA = 10**-2.5
 DEFAULT_TARGET_RATIO = 0.1
 AUTO = "auto"
-REGULARIZERS = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
-# documented default strength of each regularizer (dreg's is dreg_lambda: one source of truth)
-DEFAULT_REG_LAMBDA = {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01}
+# documented default strength of each regularizer, from the registry (dreg's is dreg_lambda: one source of truth)
+DEFAULT_REG_LAMBDA = {name: cls.default_strength for name, cls in REGISTRY.items() if name != "dreg"}
 CONFIG_NAME = "dreg_config.json"
 
 
@@ -114,6 +114,10 @@ class DREGConfig:
         },
     )
 
+    # not a flag: True once an 'auto' reg_lambda of a comparator has been calibrated (reg_lambda then holds the
+    # number; DREG keeps dreg_lambda='auto' instead). Set by set_calibrated and from_pretrained only.
+    reg_lambda_was_auto: bool = field(default=False, init=False, repr=False)
+
     def __post_init__(self):
         self.check_dreg_settings()
 
@@ -186,7 +190,7 @@ class DREGConfig:
         """Whether the strength is calibrated to ``dreg_target_ratio`` (``--dreg_lambda auto`` / ``--reg_lambda auto``)."""
         if self.regularizer == "dreg":
             return self.dreg_lambda == AUTO
-        return self.reg_lambda == AUTO or bool(getattr(self, "_reg_lambda_auto", False))
+        return self.reg_lambda == AUTO or self.reg_lambda_was_auto
 
     @property
     def calibrates(self) -> bool:
@@ -196,7 +200,7 @@ class DREGConfig:
     def set_calibrated(self, strength: float) -> None:
         """Replace the 'auto' strength (or the last calibration) by ``strength``."""
         if self.regularizer != "dreg" and self.reg_lambda == AUTO:
-            self._reg_lambda_auto = True  # remembered: reg_lambda now holds the number
+            self.reg_lambda_was_auto = True  # remembered: reg_lambda now holds the number
         self.reg_lambda = strength
 
     def dreg_config_dict(self) -> dict:
@@ -221,22 +225,11 @@ class DREGConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(DREGConfig)]
+        return [f.name for f in dataclasses.fields(DREGConfig) if f.init]
 
     def dreg_dict(self) -> dict:
         """Every DREGConfig field (``reg_lambda`` as resolved, or calibrated)."""
         return {name: getattr(self, name) for name in DREGConfig.field_names()}
-
-    def as_dreg_config(self) -> "DREGConfig":
-        """A DREGConfig with this object's DREG settings (the object itself when it is a plain DREGConfig)."""
-        if type(self) is DREGConfig:
-            return self
-        values = self.dreg_dict()
-        reg_lambda = values.pop("reg_lambda")
-        config = DREGConfig(**values, reg_lambda=None if reg_lambda == AUTO or self.auto_strength else reg_lambda)
-        config.reg_lambda = reg_lambda
-        config._reg_lambda_auto = getattr(self, "_reg_lambda_auto", False)
-        return config
 
     def save_pretrained(self, folder: str) -> None:
         """Write every field to ``folder/dreg_config.json`` (what ``from_pretrained`` reads back)."""
@@ -258,7 +251,7 @@ class DREGConfig:
         config = cls(**values, reg_lambda=None if auto or values.get("regularizer", "dreg") == "dreg" else reg_lambda)
         if reg_lambda is not None:
             config.reg_lambda = reg_lambda
-        config._reg_lambda_auto = bool(auto) and config.regularizer != "dreg"
+        config.reg_lambda_was_auto = bool(auto) and config.regularizer != "dreg"
         return config
 
 

@@ -27,7 +27,7 @@ from trainer_helpers import (
     tokenizer,
 )
 
-from hf_dreg import DREGTrainer, DREGTrainingArguments
+from hf_dreg import DREGConfig, DREGTrainer, DREGTrainingArguments
 from hf_dreg.regularizers import PowerIteration, StepInfo, jacobian_frobenius
 
 REGS = ["none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg"]
@@ -346,3 +346,28 @@ def test_double_backward_regularizers_switch_attention_to_eager(tmp_path, caplog
     with caplog.at_level(logging.WARNING):  # already eager: nothing to switch, nothing said
         DREGTrainer(model=model, args=make_args(tmp_path, regularizer=reg))
     assert not [r for r in caplog.records if "switched attention" in r.getMessage()]
+
+
+def test_the_registry_builds_every_regularizer_by_name(monkeypatch):
+    """build_regularizer goes through REGISTRY (no per-name code): a class put under a name is what gets built,
+    and the config's choices and default strengths are the registry's."""
+    import hf_dreg.regularizers as regs
+    from hf_dreg.config import DEFAULT_REG_LAMBDA, REGULARIZERS
+
+    assert REGULARIZERS == ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
+    assert DEFAULT_REG_LAMBDA == {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01}
+    built = []
+
+    class Recorded(regs.Regularizer):
+        name = "jacobian"
+
+        @classmethod
+        def build(cls, model, config, seed=0):
+            built.append((config.regularizer, config.reg_lambda, seed))
+            return cls()
+
+    monkeypatch.setitem(regs.REGISTRY, "jacobian", Recorded)
+    config = DREGConfig(regularizer="jacobian", reg_lambda=0.5)
+    assert isinstance(regs.build_regularizer(torch.nn.Linear(2, 2), config, seed=3), Recorded)
+    assert built == [("jacobian", 0.5, 3)]
+    assert isinstance(regs.build_regularizer(torch.nn.Linear(2, 2), DREGConfig(regularizer="jacobian", reg_lambda=0.0)), regs.NoRegularizer)

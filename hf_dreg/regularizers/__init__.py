@@ -1,8 +1,13 @@
-"""The regularizers of the study behind one flag (``--regularizer``)."""
+"""The regularizers of the study behind one flag (``--regularizer``): a name -> class registry.
+
+Each regularizer is a :class:`Regularizer` subclass in a module of its own, with its ``name``, its
+``default_strength`` and a ``build`` classmethod; adding one is its module plus one entry of
+:data:`REGISTRY` (the flag's choices and the default strengths of :class:`~hf_dreg.DREGConfig` are read
+from it).
+"""
 
 from __future__ import annotations
 
-from ..config import REGULARIZERS
 from .base import Penalty, Regularizer, StepInfo
 from .dreg import DREG
 from .input_gradient import InputGradient
@@ -10,6 +15,12 @@ from .jacobian import Jacobian, jacobian_frobenius
 from .none import NoRegularizer
 from .spectral_norm import PowerIteration, SpectralNorm
 from .weight_decay import WeightDecay
+
+# name -> class, in the order the flag and the reports list them
+REGISTRY: dict[str, type[Regularizer]] = {
+    cls.name: cls for cls in (NoRegularizer, WeightDecay, SpectralNorm, InputGradient, Jacobian, DREG)
+}
+REGULARIZERS = tuple(REGISTRY)
 
 
 def build_regularizer(model, config, seed: int = 0) -> Regularizer:
@@ -19,23 +30,15 @@ def build_regularizer(model, config, seed: int = 0) -> Regularizer:
     projections and power iterations.
     """
     name = config.regularizer
+    if name not in REGISTRY:
+        raise ValueError(f"Unknown regularizer {name!r}: choose one of {', '.join(REGISTRY)}.")
     if name == "none" or (name != "weight_decay" and config.reg_lambda == 0):
         return NoRegularizer()
-    if name == "weight_decay":
-        return WeightDecay(model, config)
-    if name == "spectral_norm":
-        pretrained = bool(getattr(getattr(model, "config", None), "_name_or_path", ""))
-        return SpectralNorm(model, config, pretrained=pretrained, seed=seed)
-    if name == "igpen":
-        return InputGradient(model, config)
-    if name == "jacobian":
-        return Jacobian(model, config, seed=seed)
-    if name == "dreg":
-        return DREG(model, config)
-    raise ValueError(f"Unknown regularizer {name!r}: choose one of {', '.join(REGULARIZERS)}.")
+    return REGISTRY[name].build(model, config, seed=seed)
 
 
 __all__ = [
+    "REGISTRY",
     "REGULARIZERS",
     "build_regularizer",
     "Regularizer",

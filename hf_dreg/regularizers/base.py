@@ -46,7 +46,13 @@ class Regularizer:
     """Computes the task loss (through ``task_loss``) and its own penalty for one micro-batch."""
 
     name = "none"
+    default_strength = 0.0  # the documented reg_lambda when none is given (DREG's is DREGConfig.dreg_lambda)
     needs_outputs = False  # whether compute() reads the model outputs (logits) of the task loss
+
+    @classmethod
+    def build(cls, model: nn.Module, config, seed: int = 0) -> "Regularizer":
+        """This regularizer for ``model`` under ``config`` (a DREGConfig); ``seed`` for random projections."""
+        return cls(model, config)
 
     def activate(self, model: nn.Module) -> None:
         """Install what the regularizer needs during the trainer's loops (hooks); nothing by default."""

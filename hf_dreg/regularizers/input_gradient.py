@@ -17,6 +17,7 @@ logger = logging.get_logger(__name__)
 
 class InputGradient(Regularizer):
     name = "igpen"
+    default_strength = 0.01
 
     def __init__(self, model, args):
         needs_double_backward(model, self.name, logger)

@@ -45,7 +45,12 @@ def jacobian_frobenius(logits: Tensor, x: Tensor, n_proj: int = 1, exact: bool =
 
 class Jacobian(Regularizer):
     name = "jacobian"
+    default_strength = 0.01
     needs_outputs = True
+
+    @classmethod
+    def build(cls, model, config, seed: int = 0) -> "Jacobian":
+        return cls(model, config, seed=seed)
 
     def __init__(self, model, args, seed: int = 0):
         needs_double_backward(model, self.name, logger)

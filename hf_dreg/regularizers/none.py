@@ -5,3 +5,7 @@ from .base import Regularizer
 
 class NoRegularizer(Regularizer):
     name = "none"
+
+    @classmethod
+    def build(cls, model, config, seed: int = 0) -> "NoRegularizer":
+        return cls()

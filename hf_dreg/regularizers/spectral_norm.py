@@ -51,6 +51,12 @@ class PowerIteration:
 
 class SpectralNorm(Regularizer):
     name = "spectral_norm"
+    default_strength = 0.01
+
+    @classmethod
+    def build(cls, model, config, seed: int = 0) -> "SpectralNorm":
+        pretrained = bool(getattr(getattr(model, "config", None), "_name_or_path", ""))
+        return cls(model, config, pretrained=pretrained, seed=seed)
 
     def __init__(self, model, args, pretrained: bool, seed: int = 0):
         self.mode = args.spectral_mode

@@ -12,6 +12,7 @@ from .base import Penalty, Regularizer
 
 class WeightDecay(Regularizer):
     name = "weight_decay"
+    default_strength = 0.01  # the AdamW decay
 
     def __init__(self, model, config):
         self.strength = config.reg_lambda
