@@ -15,7 +15,7 @@ an independent run:
 
 Writes ``gpu_check.json`` (one entry per check: the measured relative differences, the tolerance,
 pass/fail, or why it was skipped) and prints it. On a CPU machine the bf16 check runs on the CPU
-(autocast bf16), so the script itself is tested without a GPU (tests/test_gpu_check.py).
+(autocast bf16), so the script itself is tested without a GPU (tests/study/test_gpu_check.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 # LoRA r = 8 on q/v/gate/up/down at 1 x 2048 tokens: plain, none (noise floor) and dreg, interleaved,
 # time and peak memory (torch.cuda.max_memory_allocated) of forward + backward + AdamW.
 # Extra arguments go to overhead.py (e.g. --steps 40). The DREG_COST_* variables exist for the CPU test
-# of this script (tests/test_benchmark_overhead.py); leave them unset on the GPU machine.
+# of this script (tests/study/test_benchmark_overhead.py); leave them unset on the GPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu_cost_out}"

@@ -9,7 +9,7 @@ import pytest
 
 from hf_dreg.recipes.provenance import code_revision
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _git(*args, cwd=ROOT):

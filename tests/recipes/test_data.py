@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _shared_data_dir() -> Path | None:
     """``$HF_DREG_SHARED_DATA`` or ``<repo>/../shared/data`` (the real small data sets), if present."""
     env = os.environ.get("HF_DREG_SHARED_DATA")
-    candidates = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]
+    candidates = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[3] / "shared" / "data"]
     return next((path for path in candidates if path.is_dir()), None)
 
 
@@ -39,7 +39,7 @@ def real_data() -> Path:
     if path is None:
         pytest.skip(
             "real data not available: set $HF_DREG_SHARED_DATA or provide "
-            f"{Path(__file__).resolve().parents[2] / 'shared' / 'data'}"
+            f"{Path(__file__).resolve().parents[3] / 'shared' / 'data'}"
         )
     return path
 

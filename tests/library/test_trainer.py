@@ -42,7 +42,7 @@ import hf_dreg
 from hf_dreg import DREGTrainer
 from hf_dreg.trainer import DREG_CONFIG_NAME
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the helper modules live
 
 # eight examples, the first four long and the last four short: the two micro-batches of a 4 x 2
 # accumulation step have 45 and 14 valid positions, so averaging per micro-batch would be wrong.

@@ -15,7 +15,7 @@ from hf_dreg.recipes.arguments import parse_finetuning_args
 from hf_dreg.recipes.classification import DataArguments, prepare_splits, run_classification
 from hf_dreg.recipes.models import ModelArguments
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(tmp_path, **extra):

@@ -1,7 +1,7 @@
 """Sweeps on Ray (study/sweep.py --backend ray): the same results as the local pool, resumable.
 
 Slow (a local Ray instance takes ~20 s to start) and skipped without ray (not in the test extra):
-    pip install "hf_dreg[ray]" && HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/test_sweep_ray.py
+    pip install "hf_dreg[ray]" && HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/study/test_sweep_ray.py
 
 Compared against: the records the local process pool writes for the same cells (every field, metrics
 and per-site DREG included, but the times: wall time, finish time, runtimes and throughputs), and, after half the lines of the Ray results are removed, the cells a

@@ -152,7 +152,7 @@ def test_competent_config_cells_parse():
     from hf_dreg.training_args import DREGTrainingArguments
     from study.sweep import SweepConfig, expand_grid
 
-    path = Path(__file__).resolve().parents[1] / "study" / "configs" / "sweep_competent.yaml"
+    path = Path(__file__).resolve().parents[2] / "study" / "configs" / "sweep_competent.yaml"
     if not path.is_file():
         pytest.skip("study/configs/sweep_competent.yaml not generated yet")
     config = SweepConfig.from_yaml(path)
