@@ -43,7 +43,7 @@ class DREGConfig:
         default=DEFAULT_DREG_LAMBDA,
         metadata={
             "help": "Strength of the DREG penalty (default 10**-2.5 = 0.00316, the seed study's; on the models we "
-            "measured it has no measurable effect, and no strength beat plain training: README 'Results'); 0 turns "
+            "measured it has no measurable effect, and no strength beat plain training: docs/results.md); 0 turns "
             "DREG off; 'auto' calibrates it on the first batch so that ||grad lambda*R|| / ||grad task loss|| = "
             "dreg_target_ratio."
         },

@@ -9,7 +9,7 @@
 when given ``None`` (what transformers passes for ``backend="ray"``), so one function serves both
 backends; ``default_hp_space_optuna`` and ``default_hp_space_ray`` are the two halves.
 
-The range. ``dreg_lambda`` is drawn log-uniformly from 1e-3 to 1e3. On the models the README measured
+The range. ``dreg_lambda`` is drawn log-uniformly from 1e-3 to 1e3. On the models docs/results.md measured
 (study/results/lambda), the gradient ratio ||grad lambda*R|| / ||grad task loss|| grows in proportion to
 lambda: about 0.5-0.85 per unit of lambda for the pretrained MiniLM-L6 and about 0.002 for a small ViT
 trained from scratch. So 1e-3 is "no effect" on both (ratio ~5e-4 and ~2e-6), and 1e3 "dominates"

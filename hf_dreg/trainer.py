@@ -5,7 +5,7 @@ given trainer that takes ``dreg_config=DREGConfig(...)`` and adds ``reg_lambda *
 loss its base class computes. ``DREGTrainer`` is ``with_dreg(Trainer)`` reading the settings from
 ``DREGTrainingArguments``.
 
-Exactness (README "Correct under"):
+Exactness (docs/correctness.md):
 
 - DREG is normalised over the whole optimizer step: the valid positions of every micro-batch, on
   every process, are counted before the step from the batches the Trainer really built

@@ -8,7 +8,7 @@
 Carves a stratified validation split from the training data, searches with Trainer.hyperparameter_search
 (Optuna with SQLite storage by default: a killed search resumes), retrains the best setting and plain
 fine-tuning with each seed and reports the paired difference on the test set (Wilcoxon signed-rank test,
-Markdown table, plot, JSON of every run). See hf_dreg/recipes/tune.py and README "Tune lambda on your data".
+Markdown table, plot, JSON of every run). See hf_dreg/recipes/tune.py and docs/tuning.md.
 """
 
 from hf_dreg.recipes.tune import main

@@ -1,4 +1,4 @@
-"""The README's cost table, in Markdown, from the JSON that study/benchmarks/overhead.py writes.
+"""docs/cost.md's cost table, in Markdown, from the JSON that study/benchmarks/overhead.py writes.
 
     python study/benchmarks/cost_table.py study/results/cost/overhead.json [more.json ...]
 

@@ -1,6 +1,6 @@
 """What each regularizer costs in a training step, against plain training, in one process.
 
-    python study/benchmarks/overhead.py --output study/results/cost/overhead.json   # the README's table (CPU, about 15 min)
+    python study/benchmarks/overhead.py --output study/results/cost/overhead.json   # docs/cost.md's table (CPU, about 15 min)
     python study/benchmarks/overhead.py --shapes minilm --regularizers dreg --steps 40
     python study/benchmarks/overhead.py --shapes gemma2-lora:1x1024            # a shape at another batch x length
     python study/benchmarks/cost_table.py study/results/cost/overhead.json          # the Markdown table from the JSON
