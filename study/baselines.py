@@ -37,9 +37,10 @@ import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 
 from hf_dreg.recipes.data import _find_split_files, _load_files, _per_class_indices, apply_label_noise, check_columns
+from hf_dreg.recipes.provenance import versions
 from hf_dreg.recipes.results_store import append_result, read_results
 
-from .sweep import Cell, expand_grid, versions
+from .sweep import Cell, expand_grid
 
 SELECTION_KEYS = ("eval_at", "validation_size")  # flags of a cell that are not run arguments
 PLATEAU_TRAIN_ACC = 0.99

@@ -12,7 +12,6 @@ import pandas as pd
 from hf_dreg.recipes.results_store import read_results
 
 
-
 def load_frame(path: str | Path) -> pd.DataFrame:
     """One row per finished run: its axes, accuracy (clean and noisy), macro-F1 and wall time."""
     rows = []

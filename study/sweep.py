@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from hf_dreg.recipes.provenance import versions
 from hf_dreg.recipes.results_store import append_result, read_results
 
 
@@ -93,24 +93,6 @@ def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]
     if not 0 <= index < count:
         raise ValueError(f"--shard i/n needs 0 <= i < n, got {index}/{count}.")
     return cells[index::count]
-
-
-def versions() -> dict:
-    import datasets
-    import torch
-    import transformers
-
-    from hf_dreg import __version__
-    from hf_dreg.recipes.provenance import code_revision
-
-    return {
-        "hf_dreg": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "python": platform.python_version(),
-        **code_revision(),  # the git commit of the code, and whether its tracked files had changes
-    }
 
 
 def run_cell(cell: Cell, threads: int | None = None) -> dict:

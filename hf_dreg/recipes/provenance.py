@@ -1,9 +1,10 @@
-"""Which code produced a result: the git commit of the hf_dreg source and whether its tree had changes."""
+"""Which code produced a result: the git commit of the hf_dreg source, whether its tree had changes, and the versions."""
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import subprocess
 
 
@@ -27,3 +28,21 @@ def code_revision(folder: str | None = None) -> dict:
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
+
+
+def versions() -> dict:
+    """The versions of hf_dreg, torch, transformers, datasets and Python, and the code's git revision."""
+    import datasets
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "hf_dreg": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+        **code_revision(),  # the git commit of the code, and whether its tracked files had changes
+    }

@@ -44,6 +44,7 @@ from .arguments import CLASSIFICATION_ARGUMENTS, parse_arguments
 from .classification import DataArguments, prepare_splits
 from .featurize import Featurizer
 from .models import ModelArguments
+from .provenance import versions
 from .results_store import append_result, read_results
 
 logger = tf.utils.logging.get_logger(__name__)
@@ -553,8 +554,6 @@ def run_tune(
     progress: bool = True,
 ) -> dict:
     """Search on a validation split of the training data, retrain best and plain over the seeds, compare on the test set."""
-    from ..sweep import versions
-
     os.makedirs(training_args.output_dir, exist_ok=True)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     splits, regime = prepare_splits(data_args, data_seed)

@@ -52,7 +52,7 @@ def test_outside_git_both_are_unknown(tmp_path):
 
 
 def test_sweep_records_carry_the_revision():
-    from study.sweep import versions
+    from hf_dreg.recipes.provenance import versions
 
     record = versions()
     assert {"commit", "dirty"} <= set(record) and record["commit"] == code_revision()["commit"]
