@@ -227,11 +227,20 @@ class DREGHandle:
                 found[site.name] = (site, total, count)
         return [found[site.name] for site in self.sites if site.name in found]
 
-    def penalty(self, attention_mask: Tensor | None = None) -> Tensor:
+    def penalty(self, attention_mask: Tensor | None = None, num_positions=None) -> Tensor:
         """Mean over sites of the per-site DREG value (lambda not applied) for the last forward.
 
         Padding positions are excluded with ``attention_mask`` (by default the mask the model was
-        called with).
+        called with). Without ``num_positions`` each site's value is its mean over this batch's valid
+        positions.
+
+        ``num_positions``: the valid positions of the whole optimizer step (all its micro-batches, and all
+        processes under DDP), from :func:`hf_dreg.count_positions`, as its dict (one count per kind of
+        position) or as one number when every site has the same kind. Each site's sum over this
+        micro-batch's positions is then divided by that count, so the micro-batches' values **add up** to
+        the penalty of the step's whole batch: the exact recipe for gradient accumulation in your own loop
+        (docs/usage.md, "Your own training loop"). Sites whose positions no mask describes (image patches)
+        keep their local mean.
         """
         sums = self.site_sums(attention_mask)
         if not sums:
@@ -239,11 +248,41 @@ class DREGHandle:
                 "No DREG value recorded: call the model (forward) after attach() and before penalty(), "
                 "and check that the attached sites run in that forward."
             )
-        values = [s / n.clamp_min(1) for _, s, n in sums]
+        if num_positions is None:
+            values = [s / n.clamp_min(1) for _, s, n in sums]
+        else:
+            values = [s / count for (_, s, _), count in zip(sums, self._step_counts(sums, num_positions))]
         self._last = {site.name: v.detach() for (site, _, _), v in zip(sums, values)}
         total = torch.stack(values).mean()
         check_finite(total, self._last)
         return total
+
+    @staticmethod
+    def _step_counts(sums, num_positions) -> list[Tensor]:
+        """The divisor of every site under ``num_positions`` (see :meth:`penalty`)."""
+        kinds = {site.mask_key for site, _, _ in sums if site.mask_key}
+        if not isinstance(num_positions, dict):
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"num_positions is one number, but the sites count positions of {len(kinds)} kinds ({sorted(kinds)}): "
+                    "pass the dict hf_dreg.count_positions(batches) returns."
+                )
+            num_positions = {kind: num_positions for kind in kinds}
+        counts = []
+        for site, total, local in sums:
+            if site.mask_key is None or site.mask_key not in num_positions:
+                if site.mask_key in kinds and site.mask_key not in num_positions:
+                    raise ValueError(
+                        f"num_positions has no count of {site.mask_key!r} positions (it has {sorted(num_positions)}), "
+                        f"which site {site.name!r} needs: count them with hf_dreg.count_positions(batches)."
+                    )
+                counts.append(local.clamp_min(1))
+                continue
+            count = torch.as_tensor(num_positions[site.mask_key], dtype=total.dtype, device=total.device)
+            if not bool(count >= 1):
+                raise ValueError(f"num_positions[{site.mask_key!r}] must be >= 1 (the step's valid positions), got {float(count)}.")
+            counts.append(count)
+        return counts
 
     def per_site(self) -> dict[str, float]:
         """Site name -> DREG value of the last forward's ``penalty()`` (computed now if it was not called).

@@ -64,15 +64,18 @@ def position_masks(batch: Mapping) -> dict[str, Tensor]:
     return masks
 
 
-def count_positions(batches, device) -> dict[str, Tensor]:
+def count_positions(batches, device=None) -> dict[str, Tensor]:
     """Valid positions of each kind summed over ``batches`` (the micro-batches of one optimizer step).
 
-    A kind is counted only when every micro-batch has it, so that a step's count never misses one.
+    ``{"attention_mask": N}`` (and ``"decoder_attention_mask"`` for encoder-decoder models): the count
+    :meth:`hf_dreg.DREGHandle.penalty` takes as ``num_positions``. A kind is counted only when every
+    micro-batch has it, so that a step's count never misses one. Under DDP, sum each count over the
+    processes (``accelerator.reduce(count, "sum")``). ``device``: of the counts (default: the masks').
     """
     counts = {}
     for key in MASK_KEYS:
         masks = [position_mask(b, key) for b in batches]
         if not masks or any(m is None for m in masks):
             continue
-        counts[key] = sum(m.sum() for m in masks).to(device=device, dtype=torch.float32)
+        counts[key] = sum(m.sum() for m in masks).to(device=device or masks[0].device, dtype=torch.float32)
     return counts
