@@ -127,7 +127,18 @@ def load_file(path: str | Path, flag: str = "--train_file") -> Dataset:
         )
     if builder == "npz":
         return _load_npz(path)
+    if builder in ("json", "csv") and _is_blank(path):
+        raise ValueError(f"{flag} {path}: the file is empty (no examples). Pass a file with at least one example.")
     return load_dataset(builder, data_files={"data": str(path)}, split="data")
+
+
+def _is_blank(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether a text file holds nothing but whitespace (read until its first other character)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def _load_npz(path: Path) -> Dataset:

@@ -353,3 +353,19 @@ def test_vader_dataset_is_seeded_and_threshold_applies(vader):
     assert strict["train"].num_rows + 100 < vader["train"].num_rows + 600
     with pytest.raises(ValueError, match="threshold"):
         vader_lexicon_dataset(threshold=0)
+
+
+def test_an_empty_file_is_an_error_naming_the_flag_in_every_loader(tmp_path):
+    """An empty (or blank) training file: not the JSON builder's bare StopIteration, in every script's loader."""
+    from hf_dreg.recipes.data import DatasetArguments, load_splits
+
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "dev.jsonl").write_text('{"text": "g", "label": 1}\n')
+    for name in ("empty.jsonl", "empty.csv"):
+        with pytest.raises(ValueError, match=rf"--train_file .*{name}: the file is empty"):
+            load_raw_datasets(train_file=str(tmp_path / name), validation_file=str(tmp_path / "dev.jsonl"))
+        with pytest.raises(ValueError, match=rf"--train_file .*{name}: the file is empty"):
+            load_splits(DatasetArguments(train_file=str(tmp_path / name)), seed=0)
+    with pytest.raises(ValueError, match=r"--validation_file .*empty\.jsonl: the file is empty"):
+        load_raw_datasets(train_file=str(tmp_path / "dev.jsonl"), validation_file=str(tmp_path / "empty.jsonl"))
