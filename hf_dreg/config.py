@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from .ops.activations import resolve_families
@@ -138,7 +139,14 @@ class DREGConfig:
         if isinstance(self.reg_lambda, str):
             self.reg_lambda = float_or_auto(self.reg_lambda)
         if self.reg_lambda is not None and self.reg_lambda != AUTO:
-            _check_strength("reg_lambda", self.reg_lambda)
+            _check_strength("reg_lambda", self.reg_lambda, DEFAULT_REG_LAMBDA.get(self.regularizer), self.regularizer)
+        if self.regularizer != "dreg" and self.dreg_lambda != DEFAULT_DREG_LAMBDA:
+            warnings.warn(
+                f"dreg_lambda={self.dreg_lambda} does not apply to regularizer={self.regularizer!r}: its strength is "
+                f"reg_lambda (default {DEFAULT_REG_LAMBDA.get(self.regularizer)}). Set reg_lambda instead.",
+                UserWarning,
+                stacklevel=3,
+            )
         self._resolve_strength()
         resolve_families(self.dreg_activation_list)  # fails early with the list of valid choices
         if self.jacobian_n_proj < 1 or self.spectral_power_iterations < 1:
@@ -255,9 +263,10 @@ class DREGConfig:
         return config
 
 
-def _check_strength(name: str, value) -> None:
+def _check_strength(name: str, value, default: float | None = None, regularizer: str = "dreg") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value!r}. "
-            f"The DREG default is 10**-2.5 = {DEFAULT_DREG_LAMBDA:.6g}."
-        )
+        if regularizer == "dreg" or default is None:
+            hint = f"The DREG default is 10**-2.5 = {DEFAULT_DREG_LAMBDA:.6g}."
+        else:
+            hint = f"The {regularizer} default is {default}."
+        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value!r}. {hint}")

@@ -183,7 +183,7 @@ def _run_demo(demo: DemoArguments) -> dict[str, list[dict[str, float]]]:
             results[name].append(run)
             print(
                 f"  seed {seed} {name:<22} accuracy {run['accuracy']:.3f}  macro-F1 {run['macro_f1']:.3f}  "
-                f"DREG {run['dreg']:.4f}",
+                f"DREG {run['dreg']:.3g}",
                 flush=True,
             )
     print()

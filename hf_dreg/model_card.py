@@ -58,7 +58,7 @@ def dreg_card_section(trainer) -> str:
         lines += [f"- {key}: `{value}`" for key, value in info["data"].items()]
     if info.get("results"):
         lines += ["", "Results:", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in info["results"].items()]
+        lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in info["results"].items()]
     return "\n".join(lines) + "\n"
 
 

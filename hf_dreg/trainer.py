@@ -37,6 +37,15 @@ from .training_args import DREGTrainingArguments, require_non_reentrant_checkpoi
 
 logger = logging.get_logger(__name__)
 
+
+def _resume_choice(value):
+    """``--resume_from_checkpoint`` as the command line gives it: "True"/"last" mean the last checkpoint, "False" none."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "last", "latest"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "none", ""):
+        return None
+    return value
+
 DREG_CONFIG_NAME = CONFIG_NAME
 _WRAPPED: dict[type, type] = {}
 
@@ -131,14 +140,27 @@ class DREGTrainerMixin:
                 self.regularizer.deactivate()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
+        checkpoint = _resume_choice(resume_from_checkpoint)
+        output_dir = self.args.output_dir
+        last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if last is None:
+                raise ValueError(
+                    f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no checkpoint-* folder to resume "
+                    "from. Pass a checkpoint folder, or leave the flag out to train from step 0."
+                )
+            checkpoint = last
+        elif checkpoint in (None, False) and last is not None and self.is_world_process_zero():
+            logger.warning(
+                f"hf_dreg: {output_dir} holds checkpoints (the last: {os.path.basename(last)}); this run trains from step 0 "
+                "and may overwrite them. To continue that run instead, pass --resume_from_checkpoint last "
+                "(train(resume_from_checkpoint=True) in Python)."
+            )
         if isinstance(checkpoint, str):
             self._check_resumed_settings(checkpoint)
         self._loss_kwargs_decided = False
         with self._dreg_attached():
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            return super().train(checkpoint if checkpoint is not False else None, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with self._dreg_attached():

@@ -262,11 +262,18 @@ def find_sites(model: nn.Module, activations="gelu", exclude_modules=None, input
             )
     if not sites:
         mlp_classes = sorted({s.activation for s in found})
+        used = ",".join(sorted({s.family for s in found if s.family}))
+        if used:
+            fix = (f"Its MLPs use the {used!r} family: choose it with --dreg_activations {used} (the scripts, "
+                   f"DREGTrainingArguments), DREGConfig(dreg_activations={used!r}) in Python, or "
+                   f"hf_dreg.attach(model, activations={used!r}); 'all' takes every supported activation.")
+        else:
+            fix = ("Choose the family its MLPs use ('gelu', 'silu', 'relu', 'tanh', or 'all') with --dreg_activations "
+                   "(the scripts), DREGConfig(dreg_activations=...) in Python, or hf_dreg.attach(model, activations=...).")
         raise NoSitesError(
             f"{type(model).__name__} has no MLP activation site for activations={activations!r}. "
             f"Its MLP activations are of class {mlp_classes or 'none'}; all activation modules it contains: "
-            f"{sorted(seen_classes) or 'none'}. Pass activations='all' or the family its MLPs use "
-            "('gelu', 'silu', 'relu', 'tanh')."
+            f"{sorted(seen_classes) or 'none'}. {fix}"
         )
     _check_feeding_layers(model, sites, layers)
     return sites

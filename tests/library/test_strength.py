@@ -179,3 +179,33 @@ def test_resume_keeps_the_calibrated_lambda(tmp_path, tok, data):
     assert resumed.args.reg_lambda == "auto"
     resumed._check_resumed_settings(str(tmp_path / "out" / "checkpoint-1"))
     assert resumed.args.reg_lambda == first.args.reg_lambda
+
+
+def test_a_strength_that_does_not_apply_is_warned_about_and_errors_quote_the_right_default():
+    import warnings as _warnings
+
+    from hf_dreg import DREGConfig
+
+    with pytest.warns(UserWarning, match=r"dreg_lambda=0.5 does not apply to regularizer='weight_decay'.*reg_lambda"):
+        config = DREGConfig(regularizer="weight_decay", dreg_lambda=0.5)
+    assert config.reg_lambda == 0.01
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        DREGConfig(regularizer="weight_decay", reg_lambda=0.1)  # nothing ignored: no warning
+        DREGConfig(dreg_lambda=0.5)
+    with pytest.raises(ValueError, match=r"got -1.*The weight_decay default is 0.01") as error:
+        DREGConfig(regularizer="weight_decay", reg_lambda=-1.0)
+    assert "DREG default" not in str(error.value)
+
+
+def test_no_sites_names_the_family_and_the_flag_of_every_entry_point():
+    from tiny_models import tiny_model
+
+    from hf_dreg import find_sites
+    from hf_dreg.modeling.sites import NoSitesError
+
+    with pytest.raises(NoSitesError) as error:
+        find_sites(tiny_model("llama"))  # SwiGLU, default activations='gelu'
+    message = str(error.value)
+    assert "--dreg_activations silu" in message and "DREGConfig(dreg_activations='silu')" in message
+    assert "activations='silu'" in message

@@ -578,3 +578,24 @@ def test_unknown_activations_are_rejected(tmp_path):
         make_args(tmp_path, dreg_activations="swish42")
     with pytest.raises(ValueError):
         make_args(tmp_path, dreg_activations="gelu,swish42")
+
+
+def test_resume_flag_as_the_command_line_gives_it(tmp_path, caplog):
+    """--resume_from_checkpoint True / last (strings from the command line) resume from the last checkpoint; with no
+    checkpoint it is an error naming the folder; a rerun into a folder with checkpoints says it starts from step 0."""
+    dataset = padded_dataset()
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint last: .*run has no checkpoint-\* folder"):
+        DREGTrainer(model=tiny_bert(), args=_resume_args(tmp_path, max_steps=3), train_dataset=dataset).train(resume_from_checkpoint="last")
+    for flag in ("True", "last"):
+        folder = tmp_path / flag
+        DREGTrainer(model=tiny_bert(), args=_resume_args(folder, max_steps=3), train_dataset=dataset).train()
+        again = DREGTrainer(model=tiny_bert(seed=1), args=_resume_args(folder, max_steps=4), train_dataset=dataset)
+        again.train(resume_from_checkpoint=flag)
+        assert again.state.global_step == 4
+        assert [e["step"] for e in logs_with(again, "dreg")] == [1, 2, 3, 4]  # steps 1-3 came back from checkpoint-3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_dreg"):
+        fresh = DREGTrainer(model=tiny_bert(), args=_resume_args(tmp_path / "True", max_steps=1, save_strategy="no"), train_dataset=dataset)
+        fresh.train()
+    messages = [r.getMessage() for r in caplog.records if "holds checkpoints" in r.getMessage()]
+    assert len(messages) == 1 and "--resume_from_checkpoint last" in messages[0]
