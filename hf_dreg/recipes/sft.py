@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import transformers as tf
 
 from ..config import DREGConfig
+from .arguments import check_config_keys, check_flags
 from .data import DatasetArguments, dataset_card_info, load_splits
 from .train_and_save import train_evaluate_save
 
@@ -44,11 +45,19 @@ FORMATS_HELP = (
 def parse_sft_args(argv: list[str] | None = None) -> tuple[DatasetArguments, SFTConfig, ModelConfig, DREGConfig]:
     """(DatasetArguments, SFTConfig, ModelConfig, DREGConfig) from flags, one .yaml/.json file, or ``--config``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((DatasetArguments, SFTConfig, ModelConfig, DREGConfig))
+    types = (DatasetArguments, SFTConfig, ModelConfig, DREGConfig)
+    parser = TrlParser(types)
     if len(argv) == 1 and argv[0].endswith(".json"):
+        check_config_keys(argv[0], types)
         return parser.parse_json_file(argv[0])
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", argv[0]]
+    flags = list(argv)
+    if "--config" in flags:  # TRL's own option: the YAML file, then flags that override it
+        at = flags.index("--config")
+        check_config_keys(flags[at + 1], types)
+        del flags[at : at + 2]
+    check_flags(parser, flags)
     return parser.parse_args_and_config(args=argv)
 
 
