@@ -546,6 +546,21 @@ def plot_paired(per_seed: list[dict], metric: str, path: Path, best_label: str) 
 # ---- the whole run -------------------------------------------------------------------------------
 
 
+def check_dependencies(backend: str) -> None:
+    """The optional packages the whole run needs, checked before it starts (not after an hour of training)."""
+    import importlib.util
+
+    needed = {"scipy": "tune", "matplotlib": "tune", "sklearn": "tune (scikit-learn)"}
+    needed["optuna" if backend == "optuna" else "ray"] = "tune" if backend == "optuna" else "ray"
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        extras = sorted({needed[name].split(" ")[0] for name in missing})
+        raise ImportError(
+            f"Tuning needs {', '.join(missing)}, not installed here: pip install 'hf_dreg[{','.join(extras)}]'. "
+            "Nothing was trained."
+        )
+
+
 def run_tune(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -554,6 +569,7 @@ def run_tune(
     progress: bool = True,
 ) -> dict:
     """Search on a validation split of the training data, retrain best and plain over the seeds, compare on the test set."""
+    check_dependencies(tune_args.backend)  # before any training: the plot and the test come at the end
     os.makedirs(training_args.output_dir, exist_ok=True)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     splits, regime = prepare_splits(data_args, data_seed)

@@ -442,3 +442,17 @@ def test_search_on_ray_tune(data_dir, tmp_path, tokenizer):
     assert all(0 <= t["value"] <= 1 and t["metrics"]["eval_dreg"] > 0 for t in record["trials"])  # DREG was on
     assert record["best_value"] == max(t["value"] for t in record["trials"])
     assert 100 <= record["best_settings"]["dreg_lambda"] <= 1000
+
+
+def test_missing_optional_packages_stop_the_run_before_any_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_dreg.recipes import tune
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    model_args, data_args, training_args, tune_args = tune.parse_tune_args(
+        ["--model_type", "bert", "--train_file", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu"])
+    with pytest.raises(ImportError, match=r"needs matplotlib.*pip install 'hf_dreg\[tune\]'.*Nothing was trained"):
+        tune.run_tune(model_args, data_args, training_args, tune_args)
+    assert not (tmp_path / "out").exists()  # nothing written either
