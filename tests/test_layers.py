@@ -67,3 +67,13 @@ def test_the_wheel_ships_no_study():
     assert not [p for p in packages if "study" in p]
     top = sorted(p.stem for p in (ROOT / "hf_dreg").glob("*.py"))
     assert len(top) <= 12 and not {"sweep", "report", "baselines", "baselines_report"} & set(top), top
+
+
+def test_the_readme_flags_table_has_every_dreg_config_flag():
+    from hf_dreg import DREGConfig
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Flags"):]
+    table = table[: table.index("\n## ", 1)]
+    missing = [name for name in DREGConfig.field_names() if f"| `{name}` |" not in table]
+    assert not missing, f"README flags table lacks {missing}"
