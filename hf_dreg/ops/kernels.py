@@ -56,6 +56,7 @@ class KernelCache:
     compiled: dict = field(default_factory=dict)
     failed: bool = False
     untraceable: set = field(default_factory=set)
+    announced: bool = False  # the first compilation of the process was said (it can take a minute)
 
     def disable(self, reason: str) -> None:
         """Turn fusion off for the process (the compiler is missing for every kernel), saying so once."""
@@ -109,6 +110,13 @@ class KernelCache:
                 return fn(spec, *args)
             if parts is not None and fn in self.untraceable:
                 return parts(*args)
+            if not self.announced:
+                self.announced = True
+                logger.warning(
+                    "hf_dreg: compiling the fused DREG kernels with torch.compile: the first training step takes longer "
+                    "(up to about a minute on a CPU with empty compiler caches), later ones do not. "
+                    "dreg_fused=False (--dreg_fused False) skips it and runs the same math eagerly."
+                )
             try:
                 return compiled(*args)
             except Exception as error:

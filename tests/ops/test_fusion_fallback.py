@@ -235,3 +235,22 @@ def test_untraceable_whole_sites_fall_back_to_their_compiled_parts(untraceable, 
     assert not KERNELS.failed  # the parts are still compiled kernels
     assert any(key[0] is formulas.plain_forward for key in KERNELS.compiled)
     _assert_matches_eager(values, grads)
+
+
+def test_the_first_compilation_is_said_once(monkeypatch, caplog):
+    """No silent minute-long first step: the first compiled kernel of the process logs what is happening."""
+    monkeypatch.setattr(KERNELS, "compiled", {})
+    monkeypatch.setattr(KERNELS, "failed", False)
+    monkeypatch.setattr(KERNELS, "announced", False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the message, not the compiler, is tested
+    spec = spec_for(A.GELUActivation())
+    z, w = torch.randn(3, 4), torch.randn(4, 5)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            functions.plain_site_penalty(z, A.GELUActivation()(z), functions.row_stats(w, True), spec, fused=True)
+    said = [r.getMessage() for r in caplog.records if "compiling the fused DREG kernels" in r.getMessage()]
+    assert len(said) == 1 and "dreg_fused=False" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        functions.plain_site_penalty(z, A.GELUActivation()(z), functions.row_stats(w), spec, fused=False)
+    assert not [r for r in caplog.records if "compiling" in r.getMessage()]
