@@ -197,6 +197,8 @@ def write_model_card(trainer, base_create_model_card, *args, tags=None, **kwargs
     base_kwargs = {k: v for k, v in kwargs.items() if takes_any or k in accepted}
     if "dataset" in accepted and not base_kwargs.get("dataset") and info.get("dataset") and not dataset.get("hub"):
         base_kwargs["dataset"] = dataset["name"]  # transformers' card: "trained on the <file> dataset" (no hub link)
+    if "model_name" in accepted and not base_kwargs.get("model_name"):
+        base_kwargs["model_name"] = Path(trainer.args.output_dir).name or "model"  # TRL's title: not "Model Card for None"
     base_create_model_card(*args, tags=_unique(tags + dreg_tags), **base_kwargs)
 
     path = Path(trainer.args.output_dir) / "README.md"
@@ -221,6 +223,10 @@ def write_model_card(trainer, base_create_model_card, *args, tags=None, **kwargs
     data.model_name = kwargs.get("model_name") or data.model_name or Path(trainer.args.output_dir).name or "model"
     data.eval_results = card_eval_results(results, task or "other", dataset) if results else None
 
+    if "[None](https://huggingface.co/None)" in card.text:  # TRL's template when the base model is a local folder
+        local = info.get("model") or getattr(getattr(model, "config", None), "_name_or_path", "") or "a local model"
+        named = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{local}`"
+        card.text = card.text.replace("[None](https://huggingface.co/None)", named)
     card.text = _without_dreg_section(card.text).rstrip("\n") + "\n" + dreg_card_section(trainer)
     card.save(path)
     return card

@@ -80,6 +80,9 @@ def _check_run(run, out, lora: bool):
     assert not any(tag.startswith("base_model:") for tag in card.data.tags)
     assert card.text.count("## Regularization (hf_dreg)") == 1
     assert trainer.dreg_sites and all(f"`{site.name}`" in card.text for site in trainer.dreg_sites)
+    # TRL's template: a title and a base model, never "None" (the base is a local folder here)
+    assert "Model Card for None" not in card.text and "huggingface.co/None" not in card.text
+    assert "# Model Card for " in card.text
     return card
 
 
