@@ -442,6 +442,315 @@ def ratio_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["dataset", "strength"])["ratio"].unstack("strength")
 
 
+# ---- the statistics a reviewer asks for (issue 24): intervals, power, Holm, data-set level, failed runs ----
+
+# Classes of each data set, for records that hold neither class counts nor a balanced-sampling size.
+NUM_CLASSES = {"sst2": 2, "ag_news": 4, "trec6": 6, "sms_spam": 2, "mnist": 10, "fashion_mnist": 10, "cifar10": 10,
+               "mnist_noisy_labels": 10}
+COMPARATORS = ("none", "weight_decay")
+
+
+def majority_share(record: dict) -> float | None:
+    """The share of the majority class in a run's training split, from its record.
+
+    In order: class counts in the record's ``data`` (``class_counts`` / ``train_class_counts``, a dict or a list);
+    else balanced sampling (``samples_per_class`` of ``train_examples``: the largest class holds
+    ``samples_per_class``); else 1 / the data set's number of classes (``NUM_CLASSES``). None when none is known.
+    With label noise the flipped labels move the counts a little; the share is that of the sampled labels.
+    """
+    data = record.get("data", {}) or {}
+    config = record.get("config", {}) or {}
+    for key in ("train_class_counts", "class_counts"):
+        counts = data.get(key)
+        if counts:
+            values = list(counts.values()) if isinstance(counts, dict) else list(counts)
+            if sum(values) > 0:
+                return max(values) / sum(values)
+    per_class = data.get("samples_per_class", config.get("samples_per_class"))
+    examples = data.get("train_examples")
+    if per_class and examples:
+        return min(1.0, float(per_class) / float(examples))
+    dataset = record.get("axes", {}).get("dataset")
+    classes = data.get("num_classes") or config.get("num_labels") or NUM_CLASSES.get(str(dataset))
+    return 1.0 / classes if classes else None
+
+
+def majority_shares(path: str | Path) -> dict[str, float]:
+    """cell -> the majority-class share of its training split (``majority_share``), for every run that has one."""
+    shares = {}
+    for record in read_results(path):
+        share = majority_share(record)
+        if "cell" in record and share is not None:
+            shares[record["cell"]] = share
+    return shares
+
+
+def failed_to_train(frame: pd.DataFrame, shares: dict[str, float], margin: float = 0.0) -> pd.Series:
+    """True for a run whose training accuracy is at or below its training split's majority-class share (plus
+    ``margin``): it did not learn even the training set, a training failure rather than a regularizer's trade-off."""
+    if "train_accuracy" not in frame or "cell" not in frame:
+        return pd.Series(False, index=frame.index)
+    share = frame["cell"].map(shares).astype(float)
+    train = frame["train_accuracy"].astype(float)
+    return (train <= share + margin + 1e-9).fillna(False).astype(bool)
+
+
+def failure_table(frame: pd.DataFrame, failed: pd.Series) -> pd.DataFrame:
+    """(regularizer, data set) with at least one failed run: failed runs, runs, their training and evaluation
+    accuracy (%, mean)."""
+    if not failed.any():
+        return pd.DataFrame()
+    if "dataset" not in frame:  # a grid without a data-set axis: one data set
+        frame = frame.assign(dataset="(the data set)")
+    rows = []
+    for (reg, dataset), part in frame.groupby(["regularizer", "dataset"]):
+        bad = part[failed.loc[part.index]]
+        if bad.empty:
+            continue
+        others = [a for a in pair_axes(frame) if a not in ("regularizer", "dataset") and frame[a].nunique() > 1]
+        where = ", ".join(" ".join(f"{a}={r[a]}" for a in others) for _, r in bad.iterrows()) if others else ""
+        rows.append({"regularizer": reg, "dataset": dataset, "failed runs": len(bad), "runs": len(part),
+                     "training accuracy (%)": round(100 * bad["train_accuracy"].mean(), 1),
+                     "evaluation accuracy (%)": round(100 * bad["accuracy"].mean(), 1), "failed cells": where})
+    return pd.DataFrame(rows).set_index(["regularizer", "dataset"])
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p values (nan stays nan and does not count in the family)."""
+    p = np.asarray(pvalues, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = len(finite)
+    running = 0.0
+    for rank, i in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def min_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided one-sample (paired) t test at ``alpha`` detects with
+    ``power``, for differences of standard deviation ``sd`` over ``n`` pairs: exact, by the noncentral t."""
+    from scipy.optimize import brentq
+    from scipy.stats import nct, t
+
+    if n < 2 or not np.isfinite(sd) or sd <= 0:
+        return float("nan")
+    df = n - 1
+    crit = t.ppf(1 - alpha / 2, df)
+
+    def shortfall(effect):
+        nc = effect * np.sqrt(n) / sd
+        reached = nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)
+        return (1.0 if np.isnan(reached) else reached) - power  # nan: nc so large that the power is 1
+
+    high = (crit + t.ppf(power, df)) * sd / np.sqrt(n)  # the t approximation, then widened until it brackets
+    while shortfall(high) < 0:
+        high *= 2
+    return float(brentq(shortfall, 1e-9 * sd, high, xtol=1e-12 * sd))
+
+
+def _one_sample(diff: np.ndarray) -> dict:
+    """Mean, 95 % t interval, t p and Wilcoxon p (scipy default) of differences, and the MDE at 80 % power."""
+    from scipy.stats import t, ttest_1samp, wilcoxon
+
+    diff = np.asarray(diff, dtype=float)
+    n = len(diff)
+    mean = float(diff.mean()) if n else float("nan")
+    sd = float(diff.std(ddof=1)) if n > 1 else float("nan")
+    if n > 1 and sd > 1e-9 * max(1.0, abs(mean)):
+        half = t.ppf(0.975, n - 1) * sd / np.sqrt(n)
+        t_p = float(ttest_1samp(diff, 0.0).pvalue)
+    else:  # no spread: the interval is the point, and it excludes 0 unless the mean is 0
+        half = 0.0 if n > 1 else float("nan")
+        t_p = (0.0 if abs(mean) > 1e-9 else float("nan")) if n > 1 else float("nan")
+    w_p = float(wilcoxon(diff).pvalue) if n > 0 and (np.abs(diff) > 1e-9).any() else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "t_p": t_p, "wilcoxon_p": w_p,
+            "mde": min_detectable_effect(sd, n)}
+
+
+def paired_statistics(frame: pd.DataFrame, comparators=COMPARATORS, value: str = "accuracy",
+                      exclude_cells=()) -> pd.DataFrame:
+    """Every DREG level (regularizers named ``dreg...``) against each comparator, paired by cell (every other axis
+    equal: seed, data set, activation), in points (value x 100).
+
+    Cell level: pairs, mean difference (DREG minus the comparator), its 95 % t interval, the paired t p, the Wilcoxon
+    signed-rank p (scipy default, zeros dropped), Holm's adjustment of the Wilcoxon p across the DREG levels (one
+    family per comparator), the SD of the differences and the minimum detectable effect (MDE, two-sided paired t,
+    alpha 0.05, 80 % power, noncentral t). Data-set level: the mean difference of each data set over its cells,
+    then the same one-sample tests across data sets (Holm on their t p). Runs in ``exclude_cells`` (failed to train)
+    drop the pairs that hold them; ``dropped`` counts those pairs.
+    """
+    levels = sorted(str(v) for v in frame["regularizer"].dropna().unique() if str(v).startswith("dreg"))
+    present = [c for c in comparators if c in set(frame["regularizer"].astype(str))]
+    if not levels or not present:
+        return pd.DataFrame()
+    kept = frame.copy()
+    kept.loc[kept["cell"].isin(set(exclude_cells)), value] = np.nan
+    wide_all = paired(frame, value, complete=False)
+    wide = paired(kept, value, complete=False)
+    rows = []
+    for other in present:
+        for level in levels:
+            every = (wide_all[level] - wide_all[other]).dropna() if level in wide_all else pd.Series(dtype=float)
+            diff = 100 * (wide[level] - wide[other]).dropna() if level in wide else pd.Series(dtype=float)
+            if diff.empty:
+                continue
+            diff = diff.round(10)  # points of a 500-item test set: equal differences tie exactly
+            cells = _one_sample(diff.to_numpy())
+            by_dataset = (diff.groupby(level="dataset").mean() if "dataset" in diff.index.names else diff).round(10)
+            sets = _one_sample(by_dataset.to_numpy())
+            rows.append({"level": level, "against": other, "pairs": cells["n"], "dropped": len(every) - cells["n"],
+                         "mean": cells["mean"], "low": cells["low"], "high": cells["high"], "sd": cells["sd"],
+                         "t p": cells["t_p"], "wilcoxon p": cells["wilcoxon_p"], "mde": cells["mde"],
+                         "data sets": sets["n"], "set mean": sets["mean"], "set low": sets["low"],
+                         "set high": sets["high"], "set t p": sets["t_p"], "set wilcoxon p": sets["wilcoxon_p"],
+                         "set mde": sets["mde"]})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["holm p"] = np.nan
+    table["set holm p"] = np.nan
+    for other, part in table.groupby("against"):
+        table.loc[part.index, "holm p"] = holm(part["wilcoxon p"])
+        table.loc[part.index, "set holm p"] = holm(part["set t p"])
+    table["verdict"] = [verdict(row) for _, row in table.iterrows()]
+    return table.set_index(["level", "against"])
+
+
+def verdict(row) -> str:
+    """What a row of ``paired_statistics`` showed, worded by the cell-level 95 % interval: a gain or a loss when it
+    excludes 0, else the largest gain it leaves open; qualified when the Holm or the data-set-level test disagrees."""
+    mean, low, high = row["mean"], row["low"], row["high"]
+    if not np.isfinite(mean) or not np.isfinite(low):
+        return "too few pairs for a test"
+    interval = f"95% CI {low:+.2f}..{high:+.2f}"
+    if low > 0 or high < 0:
+        text = f"{'gain' if mean > 0 else 'loss'} of {abs(mean):.2f} points ({interval})"
+        doubts = []
+        if not row["holm p"] < 0.05:
+            doubts.append(f"Holm p {row['holm p']:.2g}")
+        if not row["set t p"] < 0.05:
+            doubts.append(f"data-set level p {row['set t p']:.2g}, {int(row['data sets'])} sets")
+        return text + (f"; not robust ({', '.join(doubts)})" if doubts else "")
+    sets = f"; data-set level up to {row['set high']:+.2f}" if np.isfinite(row.get("set high", np.nan)) else ""
+    return f"no gain larger than {high:.2f} points shown ({interval}{sets}; MDE {row['mde']:.2f})"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if np.isfinite(p) else "nan"
+
+
+def _statistics_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cell-level and the data-set-level Markdown tables of ``paired_statistics``, as formatted text."""
+    ci = lambda lo, hi: f"{lo:+.2f}..{hi:+.2f}"  # noqa: E731
+    cells = pd.DataFrame({
+        "DREG level": table.index.get_level_values("level"),
+        "against": table.index.get_level_values("against"),
+        "pairs": table["pairs"].astype(int).astype(str),
+        "mean diff (pts)": table["mean"].map(lambda v: f"{v:+.2f}"),
+        "95% CI (t)": [ci(lo, hi) for lo, hi in zip(table["low"], table["high"])],
+        "SD (pts)": table["sd"].map(lambda v: f"{v:.2f}"),
+        "t p": table["t p"].map(_p),
+        "Wilcoxon p": table["wilcoxon p"].map(_p),
+        "Holm p (Wilcoxon)": table["holm p"].map(_p),
+        "MDE 80% (pts)": table["mde"].map(lambda v: f"{v:.2f}"),
+        "verdict": table["verdict"],
+    }, index=table.index)
+    sets = pd.DataFrame({
+        "DREG level": table.index.get_level_values("level"),
+        "against": table.index.get_level_values("against"),
+        "data sets": table["data sets"].astype(int).astype(str),
+        "mean diff (pts)": table["set mean"].map(lambda v: f"{v:+.2f}"),
+        "95% CI (t)": [ci(lo, hi) for lo, hi in zip(table["set low"], table["set high"])],
+        "t p": table["set t p"].map(_p),
+        "Wilcoxon p": table["set wilcoxon p"].map(_p),
+        "Holm p (t)": table["set holm p"].map(_p),
+        "MDE 80% (pts)": table["set mde"].map(lambda v: f"{v:.2f}"),
+    }, index=table.index)
+    cells, sets = cells.reset_index(drop=True), sets.reset_index(drop=True)
+    return cells, sets
+
+
+def statistics_sections(frame: pd.DataFrame, results: str | Path | None = None, shares: dict | None = None) -> list[str]:
+    """The report's section of issue 24: runs that failed to train, then every DREG level against none and weight
+    decay with intervals, Holm, the data-set-level test and the MDE, read without the failed runs."""
+    if not {"cell", "regularizer", "dataset", "train_accuracy", "accuracy"} <= set(frame.columns):
+        return []  # a sweep without data sets (or without training accuracy): nothing of this section applies
+    if shares is None:
+        shares = majority_shares(results) if results is not None else {}
+    failed = failed_to_train(frame, shares)
+    table = paired_statistics(frame, exclude_cells=set(frame.loc[failed, "cell"]))
+    if table.empty and not failed.any():
+        return []
+    lines = ["## What the design shows: intervals, power, Holm, data-set level (issue 24)", ""]
+    pairing = ", ".join(a for a in pair_axes(frame) if a != "regularizer")
+    lines += [
+        "Method: a run failed to train when its training accuracy is at or below the majority-class share of its "
+        "training split (balanced sampling: 1 / classes); pairs holding such a run are left out of the "
+        "regularizer-effect reading below. Differences are DREG minus the comparator in accuracy points, paired by "
+        f"cell ({pairing}); 95 % intervals from the t distribution; Wilcoxon signed-rank p as scipy "
+        "computes it (two-sided, zero differences dropped); Holm's adjustment across the DREG levels, one family per "
+        "comparator; MDE: the smallest true difference a two-sided paired t test at alpha 0.05 detects with 80 % "
+        "power, from the observed SD of the differences and the number of pairs (noncentral t, exact). Cells of one "
+        "data set share their test items (within a seed), so the data-set-level test (each data set's mean difference over its "
+        "cells, then tested across data sets) is the one free of pseudo-replication. Differences are rounded to "
+        "1e-10 points before ranking, so equal differences (whole test items) tie in the Wilcoxon ranks; "
+        "the older tables below rank float noise, hence p values there that differ a little from these.",
+        "",
+    ]
+    fails = failure_table(frame, failed)
+    lines += [f"### Runs that failed to train: {int(failed.sum())} of {len(frame)}", ""]
+    share = frame["cell"].map(shares).astype(float)
+    near = frame[~failed & (frame["accuracy"].astype(float) <= share + 1e-9)]
+    if fails.empty:
+        lines += ["None.", ""]
+    else:
+        lines += [_md(fails.reset_index(), index=False), ""]
+        handicapped = []
+        for reg, part in fails.groupby(level="regularizer"):
+            where = ", ".join(f"{ds} ({int(r['failed runs'])} of {int(r['runs'])} runs)" for (_, ds), r in part.iterrows())
+            handicapped.append(f"`{reg}` on {where}")
+        lines += [
+            "Where a comparator collapsed it was handicapped there, not out-regularized: "
+            + "; ".join(handicapped) + ". The other sections of this report keep every run, so their comparisons "
+            "with these levels on these data sets are against a comparator that did not train.",
+            "",
+        ]
+    if not near.empty:
+        counts = near.groupby(["regularizer", "dataset"]).size()
+        listed = "; ".join(f"`{reg}` on {dataset}: {n}" for (reg, dataset), n in counts.items())
+        lines += [
+            f"Not flagged by that rule (training accuracy above the share) but scoring at or below it on evaluation, "
+            f"i.e. no better than guessing uniformly among the classes of a balanced split: {len(near)} runs "
+            f"({listed}). They stay in the tests below.",
+            "",
+        ]
+    if table.empty:
+        return lines
+    cells, sets = _statistics_tables(table)
+    dropped = int(table["dropped"].sum())
+    lines += [
+        "### Every DREG level against none and weight decay: the regularizer effect (failed runs left out)",
+        "",
+        f"Pairs dropped for a failed run: {dropped}." if dropped else
+        "No DREG, none or weight-decay run failed to train: no pair is dropped.",
+        "",
+        _md(cells, disable_numparse=True, index=False),
+        "",
+        "At the data-set level (each data set's mean difference over its cells, then across data sets):",
+        "",
+        _md(sets, disable_numparse=True, index=False),
+        "",
+    ]
+    if dropped:
+        every = paired_statistics(frame)
+        lines += ["### The same with every run, failed ones included", "", _md(_statistics_tables(every)[0], disable_numparse=True, index=False), ""]
+    else:
+        lines += ["With every run, failed ones included, the numbers are the same (no pair held a failed run).", ""]
+    return lines
+
+
 # ---- the report --------------------------------------------------------------------------------
 
 
@@ -504,14 +813,20 @@ def _subset_sections(frame: pd.DataFrame) -> list[str]:
     return sections
 
 
-def write_report(results: str | Path, folder: str | Path, title: str = "Sweep report") -> Path:
-    """Write REPORT.md and its PNG plots into ``folder``; returns the report's path."""
+def write_report(results: str | Path, folder: str | Path, title: str = "Sweep report", seeds: list[str] | None = None) -> Path:
+    """Write REPORT.md and its PNG plots into ``folder``; returns the report's path. ``seeds``: only those seeds' runs
+    (a sweep's complete seeds, while a later one is still running)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     frame = load_frame(results)
+    if seeds:
+        if "seed" not in frame:
+            raise ValueError(f"--seeds: {results} has no seed axis.")
+        frame = frame[frame["seed"].astype(str).isin([str(s) for s in seeds])].reset_index(drop=True)
     if frame.empty:
-        raise ValueError(f"{results} holds no finished run yet.")
-    sections = [f"# {title}", "", f"Runs: {len(frame)} finished (from `{results}`).", ""]
+        raise ValueError(f"{results} holds no finished run yet" + (f" of seeds {seeds}." if seeds else "."))
+    source = f"`{results}`" + (f", seeds {', '.join(str(s) for s in seeds)} only" if seeds else "")
+    sections = [f"# {title}", "", f"Runs: {len(frame)} finished (from {source}).", ""]
     sections += ["## Accuracy by regularizer", "", _md(summary_table(frame, ["regularizer"])), ""]
     if frame["train_accuracy"].notna().any():
         fit = pd.DataFrame({
@@ -519,6 +834,7 @@ def write_report(results: str | Path, folder: str | Path, title: str = "Sweep re
             "gap: training - evaluation (points)": summary_table(frame, ["regularizer"], "gap")["mean ± std (%)"],
         })
         sections += ["## Fit: training accuracy and the generalisation gap", "", _md(fit), ""]
+    sections += statistics_sections(frame, results)  # issue 24: intervals, power, Holm, data-set level, failed runs
     for axis, label in (("hidden_act", "activation"), ("dataset", "dataset"), ("samples_per_class", "training size (per class)")):
         if axis in frame and frame[axis].nunique() > 1:
             table = summary_table(frame, [axis, "regularizer"])["mean ± std (%)"].unstack("regularizer")
@@ -588,9 +904,10 @@ def main():
     parser.add_argument("results", help="The sweep's results JSONL.")
     parser.add_argument("--output", default=None, help="Folder for REPORT.md and the plots (default: beside the JSONL).")
     parser.add_argument("--title", default="Sweep report")
+    parser.add_argument("--seeds", nargs="*", default=None, help="Only these seeds' runs (e.g. the complete ones).")
     args = parser.parse_args()
     folder = args.output or str(Path(args.results).parent)
-    print(write_report(args.results, folder, title=args.title))
+    print(write_report(args.results, folder, title=args.title, seeds=args.seeds))
 
 
 if __name__ == "__main__":
