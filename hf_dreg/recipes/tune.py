@@ -208,6 +208,40 @@ def _trial_record(trial) -> dict:
     return {"number": trial.number, "state": trial.state.name, "value": trial.value, "params": trial.params}
 
 
+def _strength(params: dict) -> float:
+    """The trial's strength (dreg_lambda or reg_lambda; 0 for none), for breaking ties toward the weaker one."""
+    for key in ("dreg_lambda", "reg_lambda"):
+        value = params.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0 if params.get("regularizer") == "none" else math.inf
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def pick_best(trials, direction: str, validation_items: int | None = None):
+    """The best finished trial; ties (the same score) go to the weakest strength, with a warning giving the numbers:
+    a validation split that cannot tell trials apart should not decide for the stronger one by trial order."""
+    import optuna
+
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if not done:
+        raise ValueError("No trial of the search finished: see the log of the first one for its error.")
+    top = max(t.value for t in done) if direction == "maximize" else min(t.value for t in done)
+    tied = [t for t in done if abs(t.value - top) <= 1e-12 * max(1.0, abs(top))]
+    chosen = min(tied, key=lambda t: (_strength(t.params), t.number))
+    if len(tied) > 1:
+        items = f" on {validation_items} validation items" if validation_items else ""
+        logger.warning(
+            f"hf_dreg tune: {len(tied)} of {len(done)} trials tied at {top:.6g}{items}: the validation split cannot tell "
+            f"them apart. Taking the weakest strength among them (trial {chosen.number}: {_params(chosen.params)}); "
+            "a larger --validation_fraction (or more training data) separates them."
+        )
+    return chosen
+
+
 def search(
     featurizer: Featurizer,
     search_train: Dataset,
@@ -240,7 +274,8 @@ def search(
 
     key = f"eval_{tune_args.search_metric}"
     common = dict(hp_space=space, direction=tune_args.direction, compute_objective=Objective(key))
-    record = {"backend": tune_args.backend, "metric": key, "direction": tune_args.direction, "space": dataclasses.asdict(space)}
+    record = {"backend": tune_args.backend, "metric": key, "direction": tune_args.direction, "space": dataclasses.asdict(space),
+              "validation_items": len(search_validation)}  # what every trial was scored on
     if tune_args.backend == "optuna":
         import optuna
 
@@ -277,7 +312,7 @@ def search(
         else:
             logger.warning(f"Optuna study {tune_args.study_name!r} already has {before} finished trials: no search.")
         study = optuna.load_study(study_name=tune_args.study_name, storage=storage)
-        best = study.best_trial
+        best = pick_best(study.trials, tune_args.direction, len(search_validation))
         record.update(
             storage=tune_args.storage or "sqlite:///" + os.path.join(training_args.output_dir, "study.db"),
             study_name=tune_args.study_name,

@@ -456,3 +456,29 @@ def test_missing_optional_packages_stop_the_run_before_any_training(tmp_path, mo
     with pytest.raises(ImportError, match=r"needs matplotlib.*pip install 'hf_dreg\[tune\]'.*Nothing was trained"):
         tune.run_tune(model_args, data_args, training_args, tune_args)
     assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_tied_trials_go_to_the_weakest_strength_and_say_so(caplog):
+    import logging
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from hf_dreg.recipes.tune import pick_best
+
+    def trial(value, **params):
+        dists = {k: (CategoricalDistribution(["dreg", "none", "jacobian"]) if k == "regularizer" else FloatDistribution(1e-3, 1e3, log=True))
+                 for k in params}
+        return optuna.trial.create_trial(value=value, params=params, distributions=dists)
+
+    trials = [trial(1.0, regularizer="dreg", dreg_lambda=5.0), trial(0.9, regularizer="dreg", dreg_lambda=1e-3),
+              trial(1.0, regularizer="dreg", dreg_lambda=0.01), trial(1.0, regularizer="jacobian", reg_lambda=2.0)]
+    for number, t in enumerate(trials):
+        t.number = number
+    with caplog.at_level(logging.WARNING):
+        best = pick_best(trials, "maximize", validation_items=8)
+    assert best.params["dreg_lambda"] == 0.01  # not the first of the tied trials (5.0)
+    said = [r.getMessage() for r in caplog.records if "tied" in r.getMessage()]
+    assert len(said) == 1 and "3 of 4 trials tied at 1 on 8 validation items" in said[0]
+    caplog.clear()
+    assert pick_best(trials, "minimize").params["dreg_lambda"] == 1e-3 and not caplog.records
