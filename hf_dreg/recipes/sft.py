@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import transformers as tf
 
 from ..config import DREGConfig
+from ..modeling.sites import check_config_activations
 from .arguments import check_config_keys, check_flags
 from .data import DatasetArguments, dataset_card_info, load_splits
 from .train_and_save import train_evaluate_save
@@ -109,6 +110,9 @@ def run_sft(data_args: DatasetArguments, training_args: SFTConfig, model_args: M
     record = {"format": fmt, **record}
 
     name = model_args.model_name_or_path
+    if dreg_config.regularizer == "dreg" and dreg_config.dreg_lambda != 0:  # before any weight is loaded
+        config = tf.AutoConfig.from_pretrained(name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
+        check_config_activations(config, dreg_config.dreg_activation_list)
     tokenizer = tf.AutoTokenizer.from_pretrained(
         name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )

@@ -261,3 +261,24 @@ def test_load_splits_draws_a_seeded_subset():
     assert first["text"] == again["text"] and first["text"] != other["text"]
     lines = [json.loads(line)["text"] for line in (FIXTURES / "sft_text_train.jsonl").read_text().splitlines()]
     assert set(first["text"]) <= set(lines)
+
+
+def test_an_activation_the_sites_do_not_take_fails_before_loading(checkpoints, tmp_path):
+    """A ReLU GPT-2 with the default --dreg_activations gelu: the error names the flag and the family before any
+    weight is loaded, and no output folder is left behind."""
+    import shutil
+
+    import transformers as tf
+
+    from hf_dreg.modeling.sites import NoSitesError
+
+    model = tmp_path / "relu_gpt2"
+    shutil.copytree(checkpoints["gpt2"], model)
+    config = tf.AutoConfig.from_pretrained(model)
+    config.activation_function = "relu"
+    config.save_pretrained(model)
+    (model / "model.safetensors").unlink()  # were the weights read, this run would fail differently
+    out = tmp_path / "out"
+    with pytest.raises(NoSitesError, match=r"'relu' activation.*--dreg_activations relu"):
+        main(_argv(model, out, "text"))
+    assert not out.exists()
