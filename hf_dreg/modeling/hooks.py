@@ -278,10 +278,10 @@ class DREGHandle:
                     )
                 counts.append(local.clamp_min(1))
                 continue
-            count = torch.as_tensor(num_positions[site.mask_key], dtype=total.dtype, device=total.device)
-            if not bool(count >= 1):
-                raise ValueError(f"num_positions[{site.mask_key!r}] must be >= 1 (the step's valid positions), got {float(count)}.")
-            counts.append(count)
+            value = num_positions[site.mask_key]
+            if not isinstance(value, Tensor) and value < 1:  # a number is checked; a tensor is not read back (no device sync)
+                raise ValueError(f"num_positions[{site.mask_key!r}] must be >= 1 (the step's valid positions), got {value}.")
+            counts.append(torch.as_tensor(value, dtype=total.dtype, device=total.device).clamp_min(1))
         return counts
 
     def per_site(self) -> dict[str, float]:
