@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from .ops.activations import resolve_families
+from .ops.kernels import KERNEL_FAMILIES
 from .regularizers import REGISTRY, REGULARIZERS
 
 DEFAULT_DREG_LAMBDA = 10**-2.5
@@ -75,9 +76,18 @@ class DREGConfig:
         default=None,
         metadata={"help": "Activation module paths (or '.suffix') to leave out of DREG."},
     )
-    dreg_fused: bool = field(
-        default=True,
-        metadata={"help": "Fuse the penalty's elementwise math into one kernel per pass with torch.compile."},
+    dreg_kernels: str = field(
+        default="auto",
+        metadata={
+            "help": "Kernel family of the penalty's passes (the same values from each): 'auto' (triton on a CUDA GPU, compiled "
+            "elsewhere), 'triton' (one Triton kernel per site and direction), 'compiled' (torch.compile's fused kernels, compiled "
+            "once per machine), 'eager' (plain torch operators, nothing to compile).",
+            "choices": list(KERNEL_FAMILIES),
+        },
+    )
+    dreg_fused: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated: use --dreg_kernels (True: compiled, False: eager)."},
     )
     dreg_log_per_site: bool = field(
         default=False,
@@ -148,9 +158,24 @@ class DREGConfig:
                 stacklevel=3,
             )
         self._resolve_strength()
+        self._resolve_kernels()
         resolve_families(self.dreg_activation_list)  # fails early with the list of valid choices
         if self.jacobian_n_proj < 1 or self.spectral_power_iterations < 1:
             raise ValueError("jacobian_n_proj and spectral_power_iterations must be >= 1.")
+
+    def _resolve_kernels(self) -> None:
+        """dreg_kernels from the deprecated dreg_fused (which is then cleared: saved configs carry dreg_kernels)."""
+        if self.dreg_kernels not in KERNEL_FAMILIES:
+            raise ValueError(f"dreg_kernels must be one of {', '.join(KERNEL_FAMILIES)} (--dreg_kernels), got {self.dreg_kernels!r}.")
+        if self.dreg_fused is None:
+            return
+        fused_as = "compiled" if self.dreg_fused else "eager"
+        if self.dreg_kernels not in ("auto", fused_as):
+            raise ValueError(f"dreg_fused={self.dreg_fused} (deprecated) contradicts dreg_kernels={self.dreg_kernels!r}: pass dreg_kernels only.")
+        warnings.warn(
+            f"dreg_fused is deprecated: use dreg_kernels={fused_as!r} (--dreg_kernels {fused_as}).", FutureWarning, stacklevel=4
+        )
+        self.dreg_kernels, self.dreg_fused = fused_as, None
 
     def _resolve_strength(self) -> None:
         """One source of truth: reg_lambda is dreg_lambda for DREG."""

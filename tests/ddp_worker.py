@@ -72,7 +72,7 @@ def train(out_dir: str, per_device_batch: int, steps: int = 2, collator: bool = 
         max_grad_norm=0.0,
         logging_steps=1,
         dreg_lambda=1.0,
-        dreg_fused=False,
+        dreg_kernels="eager",
         train_sampling_strategy="sequential",
         use_cpu=overrides.pop("use_cpu", True),
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,

@@ -37,7 +37,7 @@ def make_args(tmp_path, cls=DREGTrainingArguments, **overrides):
     """Training arguments for a quick CPU test (``cls`` may be any TrainingArguments subclass)."""
     kwargs = dict(output_dir=str(tmp_path / "out"), **COMMON_ARGS)
     if issubclass(cls, DREGTrainingArguments):
-        kwargs["dreg_fused"] = False
+        kwargs["dreg_kernels"] = "eager"
     kwargs.update(overrides)
     return cls(**kwargs)
 

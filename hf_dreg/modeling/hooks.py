@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 import weakref
 
 import torch
@@ -24,15 +25,19 @@ from ..ops.functions import (
     plain_site_activation_from_weight,
     plain_site_penalty_from_weight,
 )
+from ..ops.kernels import resolve_kernels
 from ..ops.low_rank import (
     LowRankRows,
     gated_site_penalty_low_rank,
     plain_site_activation_low_rank,
     plain_site_penalty_low_rank,
+    weight_gated_row_stats,
+    weight_row_stats,
 )
+from .fused_mlps import fused_mlp_spec, unfused_activation
 from .layers import penalty_weight_rows
 from .positions import position_masks
-from .sites import PLAIN, Site, find_sites
+from .sites import FUSED_MLP, PLAIN, Site, find_sites
 
 # model -> its attached handle: a model carries at most one DREG attachment at a time
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DREGHandle]" = weakref.WeakKeyDictionary()
@@ -73,7 +78,7 @@ def _weight_chunk(w: Tensor | LowRankRows, chunk) -> Tensor | LowRankRows:
 class DREGHandle:
     """The attached penalty: ``penalty()`` after a forward, ``per_site()``, ``detach()``."""
 
-    def __init__(self, model: nn.Module, sites: list[Site], fused: bool = False):
+    def __init__(self, model: nn.Module, sites: list[Site], kernels: str = "eager", fused: bool | None = None):
         existing = attached_handle(model)
         if existing is not None:
             raise RuntimeError(
@@ -84,21 +89,31 @@ class DREGHandle:
         _refuse_virtual_tokens(model)
         self.model = model
         self.sites = sites
-        self.fused = fused
+        if fused is not None:  # the deprecated boolean: compiled or eager
+            kernels = "compiled" if fused else "eager"
+        device = next((p.device for p in model.parameters() if not p.is_meta), None)
+        self.kernels = resolve_kernels(kernels, device)
+        self.fused = self.kernels == "compiled"
         self._records: dict[str, Tensor] = {}
         self._masks: dict[str, Tensor] = {}
         self._recording = True
         self._last: dict[str, Tensor] = {}
         self._pieces = {site.name: _Pieces() for site in sites}
         self._hooks = []
+        self._forwards = []  # (module, its own instance forward or None): the MLP forwards replaced, restored by detach()
         modules = dict(model.named_modules())
-        self._specs = {site.name: spec_for(modules[site.name]) for site in sites}
+        self._specs = {
+            site.name: fused_mlp_spec(modules[site.name]) if site.kind == FUSED_MLP else spec_for(modules[site.name]) for site in sites
+        }
         roles: dict[str, list] = {}
         for site in sites:
             roles.setdefault(site.gate, []).append((site, "gate"))
             if site.kind != PLAIN:
                 roles.setdefault(site.up, []).append((site, "up"))
-            self._hooks.append(modules[site.name].register_forward_hook(self._activation_hook(site)))
+            if site.kind == FUSED_MLP:
+                self._replace_forward(modules[site.name], self._fused_mlp_forward(site, modules))
+            else:
+                self._hooks.append(modules[site.name].register_forward_hook(self._activation_hook(site)))
         for path, entries in roles.items():
             # prepend: under ZeRO-3 read the weight before DeepSpeed's own post-forward hook frees it
             self._hooks.append(modules[path].register_forward_hook(self._layer_hook(entries), prepend=True))
@@ -113,6 +128,11 @@ class DREGHandle:
     def attached(self) -> bool:
         """False once ``detach()`` has run."""
         return bool(self._hooks)
+
+    def _replace_forward(self, module: nn.Module, forward) -> None:
+        """Give ``module`` (this instance only) ``forward``; ``detach()`` puts back what it had."""
+        self._forwards.append((module, module.__dict__.get("forward")))
+        module.forward = forward
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -150,37 +170,91 @@ class DREGHandle:
 
         return hook
 
+    def _fused_mlp_forward(self, site: Site, modules: dict):
+        """The forward of a fused gated MLP (Liger Kernel's): down(f(gate(x)) * up(x)), the product and the
+        site's penalty from one node of hf_dreg's kernels (the gate's and up's weights read in their hooks)."""
+        gate, up, down = modules[site.gate], modules[site.up], modules[site.output]
+        spec = self._specs[site.name]
+
+        def forward(x):
+            g, u = gate(x), up(x)
+            pieces = self._pieces[site.name]
+            if pieces.w_gate is None or pieces.w_up is None:  # the layers' hooks did not run (a hook-less call): no penalty
+                return down(unfused_activation(spec)(g) * u)
+            if self.kernels == "triton":
+                from ..ops import triton_functions
+
+                stats, dense = self._gated_stats(pieces)
+                h, p = triton_functions.gated_site(g, None, u, stats, spec, from_weight=dense, product=True)
+            else:
+                a = unfused_activation(spec)(g)
+                h = a * u
+                low_rank = isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows)
+                compute = gated_site_penalty_low_rank if low_rank else gated_site_penalty_from_weights
+                p = compute(g, a, u, pieces.w_gate, pieces.w_up, spec, self.fused)
+            self._record(site, p)
+            return down(h)
+
+        return forward
+
+    @staticmethod
+    def _gated_stats(pieces) -> tuple[tuple, bool]:
+        """(the weights, True) for dense weights, else (their row statistics, False) (LoRA's, from the factors)."""
+        if isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows):
+            return weight_gated_row_stats(pieces.w_gate, pieces.w_up), False
+        return (pieces.w_gate, pieces.w_up), True
+
+    def _record(self, site: Site, p: Tensor) -> None:
+        self._pieces[site.name] = _Pieces()
+        if self._recording:  # off while gradient checkpointing recomputes a layer in backward
+            self._records[site.name] = p
+
     def _maybe_fire(self, site: Site, at_activation: bool = False) -> Tensor | None:
         """Compute the site's p once its pieces are in; returns the activation's new output, if any.
 
         A plain site whose weight is read before its activation runs (the usual order) is computed in
-        the activation's hook by ``plain_site_activation``: its output (same values) replaces the
-        activation's, so that one backward pass gives z both gradients.
+        the activation's hook as one node that is also the activation's output (same values), so that
+        one backward pass gives z both gradients.
         """
         pieces = self._pieces[site.name]
         if pieces.g is None or pieces.w_gate is None:
             return None
+        if site.kind != PLAIN and pieces.u is None:
+            return None
         spec = self._specs[site.name]
-        output = None
-        # the row statistics and the site's penalty: one compiled region each way (see hf_dreg.ops.functions)
+        with_output = at_activation and isinstance(pieces.a, Tensor)
+        if self.kernels == "triton":
+            output, p = self._fire_triton(site, pieces, spec, with_output)
+        else:
+            output, p = self._fire_torch(site, pieces, spec, with_output)
+        self._record(site, p)
+        return output
+
+    def _fire_triton(self, site, pieces, spec, with_output):
+        """One node per site and direction, its passes Triton kernels called directly."""
+        from ..ops import triton_functions
+
+        if site.kind == PLAIN:
+            w = pieces.w_gate
+            dense = not isinstance(w, LowRankRows)
+            stats = w if dense else weight_row_stats(w)
+            out = triton_functions.plain_site(pieces.g, pieces.a, stats, spec, from_weight=dense, with_output=with_output)
+            return out if with_output else (None, out)
+        stats, dense = self._gated_stats(pieces)
+        return None, triton_functions.gated_site(pieces.g, pieces.a, pieces.u, stats, spec, from_weight=dense)
+
+    def _fire_torch(self, site, pieces, spec, with_output):
+        """The row statistics and the site's penalty: one compiled region each way (``compiled``), or eager."""
         if site.kind == PLAIN:
             low_rank = isinstance(pieces.w_gate, LowRankRows)
-            if at_activation and isinstance(pieces.a, Tensor):
+            if with_output:
                 compute = plain_site_activation_low_rank if low_rank else plain_site_activation_from_weight
-                output, p = compute(pieces.g, pieces.a, pieces.w_gate, spec, self.fused)
-            else:
-                compute = plain_site_penalty_low_rank if low_rank else plain_site_penalty_from_weight
-                p = compute(pieces.g, pieces.a, pieces.w_gate, spec, self.fused)
-        else:
-            if pieces.u is None:
-                return None
-            low_rank = isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows)
-            compute = gated_site_penalty_low_rank if low_rank else gated_site_penalty_from_weights
-            p = compute(pieces.g, pieces.a, pieces.u, pieces.w_gate, pieces.w_up, spec, self.fused)
-        self._pieces[site.name] = _Pieces()
-        if self._recording:  # off while gradient checkpointing recomputes a layer in backward
-            self._records[site.name] = p
-        return output
+                return compute(pieces.g, pieces.a, pieces.w_gate, spec, self.fused)
+            compute = plain_site_penalty_low_rank if low_rank else plain_site_penalty_from_weight
+            return None, compute(pieces.g, pieces.a, pieces.w_gate, spec, self.fused)
+        low_rank = isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows)
+        compute = gated_site_penalty_low_rank if low_rank else gated_site_penalty_from_weights
+        return None, compute(pieces.g, pieces.a, pieces.u, pieces.w_gate, pieces.w_up, spec, self.fused)
 
     # ---- reading the penalty --------------------------------------------------------------------
 
@@ -298,6 +372,12 @@ class DREGHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for module, own in reversed(self._forwards):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self._forwards = []
         self._records = {}
         self._masks = {}
         self._last = {}
@@ -343,12 +423,23 @@ def check_finite(total: Tensor, per_site: dict[str, Tensor]) -> None:
     )
 
 
-def attach(model: nn.Module, activations="gelu", exclude_modules=None, fused: bool = False, inputs=None) -> DREGHandle:
+def attach(model: nn.Module, activations="gelu", exclude_modules=None, kernels: str = "auto", inputs=None, fused: bool | None = None) -> DREGHandle:
     """Find the model's MLP activation sites and attach the DREG penalty to them.
 
-    Returns a :class:`DREGHandle`. ``fused=True`` compiles the elementwise math into one kernel per
-    pass (torch.compile), which is what makes DREG nearly free on CPU; it falls back to eager math
-    with a warning where compilation is unavailable.
+    Returns a :class:`DREGHandle`. ``kernels`` is the kernel family of the penalty's passes (the same
+    values from every family):
+
+    - ``"auto"`` (default): ``"triton"`` on a CUDA device, ``"compiled"`` elsewhere;
+    - ``"triton"``: one Triton kernel per site and direction, called directly (on a CPU only under
+      ``TRITON_INTERPRET=1``, for tests);
+    - ``"compiled"``: torch.compile's fused kernels, one compiled region per site and direction (what
+      makes DREG nearly free on a CPU; compiled once per machine, falling back to eager math with a
+      warning where the machine cannot compile);
+    - ``"eager"``: plain torch operators.
+
+    ``fused`` is the deprecated boolean of earlier versions (True: ``"compiled"``, False: ``"eager"``).
     """
+    if fused is not None:
+        warnings.warn("attach(fused=...) is deprecated: use kernels='compiled' or kernels='eager'.", FutureWarning, stacklevel=2)
     sites = find_sites(model, activations=activations, exclude_modules=exclude_modules, inputs=inputs)
-    return DREGHandle(model, sites, fused=fused)
+    return DREGHandle(model, sites, kernels=kernels, fused=fused)

@@ -20,16 +20,18 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..ops.activations import UnsupportedActivationError, is_activation_module, is_supported, resolve_families, spec_for
+from .fused_mlps import fused_mlp_spec, silent_activation_modules, unfused_forward
 from .layers import UnsupportedLayerError, computes_linear, is_linear_like, not_linear_error, weight_rows, weight_shape
 
-PLAIN, GATED, FUSED_GATED = "plain", "gated", "fused_gated"
+PLAIN, GATED, FUSED_GATED, FUSED_MLP = "plain", "gated", "fused_gated", "fused_mlp"
 
 
 @dataclass(frozen=True)
 class Site:
     """One MLP activation and the layer(s) feeding it.
 
-    ``name`` is the activation module's dotted path; ``inputs`` the dotted paths of the feeding
+    ``name`` is the activation module's dotted path (for a ``fused_mlp`` site, whose activation is no
+    module, the MLP's: :mod:`hf_dreg.modeling.fused_mlps`); ``inputs`` the dotted paths of the feeding
     layer(s). ``gate``/``up`` say which feeding layer gives the activation's input (g, or z) and
     which gives the multiplier u of a gated MLP; ``*_chunk`` is (index, n_chunks) of a fused
     layer's output split on the last dimension. ``mask_key`` names the mask (an input of the
@@ -244,7 +246,7 @@ def find_sites(model: nn.Module, activations="gelu", exclude_modules=None, input
         probe_inputs = inputs
     else:
         probe_inputs = example_inputs(model, device="cpu" if meta else None)
-    found, seen_classes, layers = _probe(model, probe_inputs, meta)
+    found, seen_classes, layers, called = _probe(model, probe_inputs, meta)
     sites = []
     for site in found:
         if _matches(site.name, exclude_modules):
@@ -270,6 +272,13 @@ def find_sites(model: nn.Module, activations="gelu", exclude_modules=None, input
         else:
             fix = ("Choose the family its MLPs use ('gelu', 'silu', 'relu', 'tanh', or 'all') with --dreg_activations "
                    "(the scripts), DREGConfig(dreg_activations=...) in Python, or hf_dreg.attach(model, activations=...).")
+        silent = silent_activation_modules(model, called)
+        if not found and silent:
+            fix = (f"Its activation modules never run in its forward ({', '.join(silent[:3])}{', ...' if len(silent) > 3 else ''}): "
+                   "its MLPs compute the activation inside a fused function (a kernel patch such as Liger Kernel's or "
+                   "Unsloth's) that no hook can see. hf_dreg takes Liger's LigerGEGLUMLP and LigerSwiGLUMLP as they are; "
+                   "for any other fused MLP, load the model without that patch for DREG (TRL: use_liger_kernel=False, "
+                   "or apply_liger_kernel_to_*(swiglu=False, geglu=False) keeping Liger's other kernels).")
         raise NoSitesError(
             f"{type(model).__name__} has no MLP activation site for activations={activations!r}. "
             f"Its MLP activations are of class {mlp_classes or 'none'}; all activation modules it contains: "
@@ -323,7 +332,8 @@ def _buffers_on_meta(model: nn.Module, recorder: _Recorder):
             module._buffers[key] = buf
 
 
-def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Site], set[str], dict[str, "_Layer"]]:
+def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Site], set[str], dict[str, "_Layer"], set[str]]:
+    """(the sites, the activation classes seen, what was read in each Linear-like layer, the modules that returned)."""
     names = {module: name for name, module in model.named_modules()}
     events: list = []
     layers: dict[str, _Layer] = {}
@@ -345,6 +355,13 @@ def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Sit
             elif layer.computes_linear is False:
                 layers[name].computes_linear = False
 
+    fused = {module: spec for module in names if (spec := fused_mlp_spec(module)) is not None}
+    fused_inputs: dict[str, Tensor] = {}
+    own_forwards = []
+    for module, spec in fused.items():  # the probe runs the product unfused (Liger's kernel may not run here, e.g. on meta)
+        own_forwards.append((module, module.__dict__.get("forward")))
+        module.forward = unfused_forward(module, spec)
+        handles.append(module.register_forward_pre_hook(lambda m, args: fused_inputs.setdefault(names[m], args[0])))
     activation_classes = set()
     for module, name in names.items():
         linear = is_linear_like(module)
@@ -372,7 +389,32 @@ def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Sit
         model.train(was_training)
         for h in handles:
             h.remove()
-    return _sites_from_events(model, names, events, inputs, layers), activation_classes, layers
+        for module, own in own_forwards:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+    sites = _sites_from_events(model, names, events, inputs, layers)
+    sites += [_fused_mlp_site(names[m], spec, fused_inputs[names[m]], inputs, layers) for m, spec in fused.items() if names[m] in fused_inputs]
+    called = {name for kind, name, _, _ in events if kind == "return"}
+    return sites, activation_classes, layers, called
+
+
+def _fused_mlp_site(name: str, spec, x: Tensor, inputs, layers) -> Site:
+    prefix = f"{name}." if name else ""
+    gate = layers.get(prefix + "gate_proj")
+    return Site(
+        name=name,
+        kind=FUSED_MLP,
+        activation=f"fused {spec.name}",
+        inputs=(prefix + "gate_proj", prefix + "up_proj"),
+        output=prefix + "down_proj",
+        width=gate.out_features if gate is not None else 0,
+        gate=prefix + "gate_proj",
+        up=prefix + "up_proj",
+        mask_key=_mask_key(tuple(x.shape[:-1]), inputs),
+        family=spec.family,
+    )
 
 
 def _meta_input(value, recorder: _Recorder):

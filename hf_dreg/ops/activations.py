@@ -51,6 +51,7 @@ class ActivationSpec:
     first: Callable[[Tensor], Tensor]
     second: Callable[[Tensor], Tensor]
     pair: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+    kernel: tuple = ()  # (code, K, LOW, HIGH) of the Triton kernels (hf_dreg.ops.triton_kernels); () = none
 
 
 def _ratio(a: Tensor, z: Tensor) -> Tensor:
@@ -82,6 +83,7 @@ def _gelu_exact() -> ActivationSpec:
         first=lambda z: cdf(z) + z * pdf(z),
         second=lambda z: pdf(z) * (2.0 - z * z),
         pair=pair,
+        kernel=(0, 0.0, 0.0, 0.0),
     )
 
 
@@ -121,6 +123,7 @@ def _gelu_tanh(k: float = _SQRT_2_OVER_PI) -> ActivationSpec:
         first=first,
         second=second,
         pair=pair,
+        kernel=(1, k, 0.0, 0.0),
     )
 
 
@@ -148,6 +151,7 @@ def _sigmoid_linear(alpha: float, name: str, family: str) -> ActivationSpec:
         first=first,
         second=second,
         pair=pair,
+        kernel=(2, alpha, 0.0, 0.0),
     )
 
 
@@ -166,6 +170,7 @@ def _clipped_gelu(low: float, high: float) -> ActivationSpec:
         value=lambda z: torch.clamp(base.value(z), low, high),
         first=lambda z: base.first(z) * inside(z),
         second=lambda z: base.second(z) * inside(z),
+        kernel=(5, 0.0, float(low), float(high)),
     )
 
 
@@ -186,6 +191,7 @@ _RELU = ActivationSpec(
     first=_RELU_FIRST,
     second=_RELU_SECOND,
     pair=_from_output(_RELU_FIRST, _RELU_SECOND),
+    kernel=(3, 0.0, 0.0, 0.0),
 )
 
 _TANH = ActivationSpec(
@@ -196,6 +202,7 @@ _TANH = ActivationSpec(
     first=_TANH_FIRST,
     second=_TANH_SECOND,
     pair=_from_output(_TANH_FIRST, _TANH_SECOND),
+    kernel=(4, 0.0, 0.0, 0.0),
 )
 
 _GELU = _gelu_exact()

@@ -12,12 +12,37 @@ instance (tests and benchmarks read and reset it there).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+KERNEL_FAMILIES = ("auto", "triton", "compiled", "eager")
+
+
+def resolve_kernels(kernels: str, device: torch.device | str | None) -> str:
+    """The kernel family a model on ``device`` runs: ``kernels`` itself, or what ``"auto"`` means there.
+
+    ``"auto"``: ``"triton"`` on a CUDA device (one kernel per site and direction, called directly: the
+    host-bound GPU step is what DREG costs there), ``"compiled"`` elsewhere (torch.compile's fused CPU
+    kernels, compiled once per machine; ``"eager"`` where the machine cannot compile).
+    """
+    if kernels not in KERNEL_FAMILIES:
+        raise ValueError(
+            f"Unknown DREG kernel family {kernels!r}: use one of {', '.join(KERNEL_FAMILIES)} "
+            "(--dreg_kernels; DREGConfig(dreg_kernels=...); hf_dreg.attach(model, kernels=...))."
+        )
+    if kernels != "auto":
+        if kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise ImportError("dreg_kernels='triton' needs the triton package (pip install triton); it comes with CUDA builds of torch.")
+        return kernels
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "compiled"
 
 
 def _no_compiler_errors() -> tuple[type, ...]:
@@ -115,7 +140,7 @@ class KernelCache:
                 logger.warning(
                     "hf_dreg: compiling the fused DREG kernels with torch.compile: the first training step takes longer "
                     "(up to about a minute on a CPU with empty compiler caches), later ones do not. "
-                    "dreg_fused=False (--dreg_fused False) skips it and runs the same math eagerly."
+                    "dreg_kernels='eager' (--dreg_kernels eager) skips it and runs the same math eagerly; on a GPU, 'auto' uses Triton kernels instead."
                 )
             try:
                 return compiled(*args)

@@ -20,7 +20,7 @@ class DREG(Regularizer):
 
     def __init__(self, model, config):
         self.sites = find_sites(model, activations=config.dreg_activation_list, exclude_modules=config.dreg_exclude_modules)
-        self.fused = config.dreg_fused
+        self.kernels = config.dreg_kernels
         self.log_per_site = config.dreg_log_per_site
         self.handle: DREGHandle | None = None
         self.last_values: dict = {}
@@ -28,7 +28,7 @@ class DREG(Regularizer):
 
     def activate(self, model):
         self.deactivate()
-        self.handle = DREGHandle(model, self.sites, fused=self.fused)
+        self.handle = DREGHandle(model, self.sites, kernels=self.kernels)
 
     def deactivate(self):
         if self.handle is not None:

@@ -76,7 +76,7 @@ def train(out_dir, batch, accumulation, steps=1, n=8, **overrides):
     kwargs = dict(
         output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=steps,
         optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, dreg_lambda=100.0,
-        dreg_fused=False, train_sampling_strategy="sequential", report_to=[], save_strategy="no", disable_tqdm=True,
+        dreg_kernels="eager", train_sampling_strategy="sequential", report_to=[], save_strategy="no", disable_tqdm=True,
         logging_steps=1, seed=0,
     )  # fmt: skip
     kwargs.update(overrides)

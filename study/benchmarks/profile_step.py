@@ -76,7 +76,8 @@ def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:
         for name in variants:
             regularizer_name, fused = VARIANTS[name]
             model = copy.deepcopy(template)
-            args = DREGTrainingArguments(output_dir=tmp, regularizer=regularizer_name, dreg_fused=fused, use_cpu=True, report_to="none")
+            kernels = "compiled" if fused else "eager"
+            args = DREGTrainingArguments(output_dir=tmp, regularizer=regularizer_name, dreg_kernels=kernels, use_cpu=True, report_to="none")
             regularizer = build_regularizer(model, args)
             regularizer.activate(model)
             overhead.cast_weights(model, dtype)

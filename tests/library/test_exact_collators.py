@@ -124,7 +124,7 @@ def _seq2seq(tmp_path, name, batch, accumulation, dreg_lambda=None, **kwargs):
     )  # fmt: skip
     if dreg_lambda is None:
         return lambda model: Seq2SeqTrainer(model=model, args=args, **kwargs)
-    config = DREGConfig(dreg_lambda=dreg_lambda, dreg_fused=False)
+    config = DREGConfig(dreg_lambda=dreg_lambda, dreg_kernels="eager")
     return lambda model: with_dreg(Seq2SeqTrainer)(model=model, args=args, dreg_config=config, **kwargs)
 
 
@@ -152,7 +152,7 @@ def test_seq2seq_decoder_positions_are_the_labelled_ones(tok):
     model = tiny_text_model("t5", tok.vocab_size)
     batch = DataCollatorForSeq2Seq(tok, model=model)([data[i] for i in range(4)])
     assert "decoder_attention_mask" not in batch
-    with hf_dreg.attach(model) as handle:
+    with hf_dreg.attach(model, kernels="eager") as handle:
         model(**batch)
         decoder = [(s, t, n) for s, t, n in handle.site_sums() if s.mask_key == "decoder_attention_mask"]
         assert decoder
@@ -177,7 +177,7 @@ def test_padding_free_batches_count_every_token_of_the_step(tmp_path, tok):
     micro_batches = [collator([data[i] for i in range(start, start + 4)]) for start in (0, 4)]
     assert all("attention_mask" not in b and b["input_ids"].shape[0] == 1 for b in micro_batches)
     sums, tokens = {}, 0
-    with hf_dreg.attach(reference) as handle:
+    with hf_dreg.attach(reference, kernels="eager") as handle:
         for batch in micro_batches:
             # use_cache=False as in training: with a cache, GPT-2 does not split the packed sequences
             reference(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)

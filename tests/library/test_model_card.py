@@ -30,7 +30,7 @@ def _data(n: int = 16, seq: int = 6, seed: int = 0) -> Dataset:
 
 def _args(tmp_path, **extra):
     values = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, logging_steps=1, use_cpu=True,
-                  report_to=[], disable_tqdm=True, save_strategy="no", dreg_fused=False, seed=0)
+                  report_to=[], disable_tqdm=True, save_strategy="no", dreg_kernels="eager", seed=0)
     return DREGTrainingArguments(**{**values, **extra})
 
 

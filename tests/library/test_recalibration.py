@@ -35,7 +35,7 @@ def _ratio_norms(model, weights, batch):
     model.load_state_dict(weights)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    with hf_dreg.attach(model) as handle:
+    with hf_dreg.attach(model, kernels="eager") as handle:
         out = model(**batch)
         penalty = handle.penalty()
     norm = lambda value: torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(value, params, retain_graph=True, allow_unused=True) if g is not None))

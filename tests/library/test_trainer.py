@@ -294,8 +294,8 @@ def test_torch_compile_matches_eager(backend):
         batch["labels"] = torch.tensor([0, 1, 2])
         batches.append(batch)
     compiled_model = copy.deepcopy(eager_model)
-    eager_handle = hf_dreg.attach(eager_model)
-    compiled_handle = hf_dreg.attach(compiled_model)
+    eager_handle = hf_dreg.attach(eager_model, kernels="eager")
+    compiled_handle = hf_dreg.attach(compiled_model, kernels="eager")
     compiled = torch.compile(compiled_model, backend=backend)
     pe, ge = _compile_run(eager_model, eager_handle, batches)
     pc, gc = _compile_run(compiled_model, compiled_handle, batches, compiled)
@@ -405,7 +405,7 @@ def test_peft_lora_penalty_reflects_the_adapters():
     batch = padded_dataset(LENGTHS_8)[:]
     batch = {k: torch.tensor(batch[k]) for k in ("input_ids", "attention_mask")}
 
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     model(**batch)
     penalty = handle.penalty()
     penalty.backward()
@@ -416,11 +416,11 @@ def test_peft_lora_penalty_reflects_the_adapters():
         assert grad is not None and float(grad.abs().max()) > 0, f"no DREG gradient at {name}"
 
     merged = copy.deepcopy(model).merge_and_unload()
-    with hf_dreg.attach(merged) as merged_handle:
+    with hf_dreg.attach(merged, kernels="eager") as merged_handle:
         merged(**batch)
         expected = merged_handle.penalty()
     torch.testing.assert_close(penalty.detach(), expected.detach(), rtol=1e-5, atol=0)
-    with model.disable_adapter(), hf_dreg.attach(model) as base_handle:
+    with model.disable_adapter(), hf_dreg.attach(model, kernels="eager") as base_handle:
         model(**batch)
         base = base_handle.penalty()
     assert abs(float(base) - float(expected)) > 1e-3 * float(expected)  # the adapters changed the penalty

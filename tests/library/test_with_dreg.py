@@ -77,7 +77,7 @@ def sft_args(tmp_path, name, batch, accumulation, **overrides):
 
 def sft_update(trainer_cls, model, args, data, tok, dreg_lambda=None, peft_config=None):
     """One SGD step of ``trainer_cls``; the change of every trainable parameter of the trained model."""
-    extra = {} if dreg_lambda is None else {"dreg_config": DREGConfig(dreg_lambda=dreg_lambda, dreg_fused=False)}
+    extra = {} if dreg_lambda is None else {"dreg_config": DREGConfig(dreg_lambda=dreg_lambda, dreg_kernels="eager")}
     trainer = trainer_cls(model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tok, peft_config=peft_config, **extra)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()

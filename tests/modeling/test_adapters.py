@@ -96,7 +96,7 @@ def test_adapter_penalty_equals_the_merged_model_and_the_hand_formula(kind):
             atol=1e-3,
         )  # and the adapters do change the weight
 
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     assert [s.inputs for s in handle.sites] == [(p,) for p in _site_layers(model)]
     model(**inputs)
     ours = handle.penalty()
@@ -105,7 +105,7 @@ def test_adapter_penalty_equals_the_merged_model_and_the_hand_formula(kind):
     grads = torch.autograd.grad(ours, [p for _, p in adapter_params])
     handle.detach()
 
-    merged_handle = hf_dreg.attach(merged)
+    merged_handle = hf_dreg.attach(merged, kernels="eager")
     with torch.no_grad():
         merged(**inputs)
         reference = merged_handle.penalty()
@@ -132,7 +132,7 @@ def test_lora_on_gpt2_conv1d_equals_the_merged_model():
     merged = copy.deepcopy(model).merge_and_unload().eval()
     values = []
     for m in (model, merged):
-        with hf_dreg.attach(m) as handle, torch.no_grad():
+        with hf_dreg.attach(m, kernels="eager") as handle, torch.no_grad():
             m(**inputs)
             values.append(handle.penalty().item())
     assert abs(values[0] - values[1]) <= 1e-6 * values[1], values
@@ -149,7 +149,7 @@ def test_disabled_adapters_give_the_base_model_penalty():
     values = []
     with model.disable_adapter():
         for m in (model, base):
-            with hf_dreg.attach(m) as handle, torch.no_grad():
+            with hf_dreg.attach(m, kernels="eager") as handle, torch.no_grad():
                 m(**inputs)
                 values.append(handle.penalty().item())
     assert abs(values[0] - values[1]) <= 1e-7 * values[1], values
@@ -179,7 +179,7 @@ def test_unsupported_adapter_feeding_a_site_is_refused_by_name(kind, config, wor
         for word in words:
             assert word in message, (word, message)
         with pytest.raises(ValueError):  # a ValueError, so the CLI reports it
-            hf_dreg.attach(model)
+            hf_dreg.attach(model, kernels="eager")
 
 
 def test_excluding_the_site_of_an_unsupported_adapter_keeps_the_others():
@@ -203,7 +203,7 @@ def test_ia3_away_from_the_sites_works_and_equals_the_merged_model():
     merged = copy.deepcopy(model).merge_and_unload().eval()
     values = []
     for m in (model, merged):
-        with hf_dreg.attach(m) as handle, torch.no_grad():
+        with hf_dreg.attach(m, kernels="eager") as handle, torch.no_grad():
             assert [s.output.split(".")[-2:] for s in handle.sites] == [["output", "dense"]] * 2
             m(**inputs)
             values.append(handle.penalty().item())

@@ -44,7 +44,7 @@ def _masks(inputs):
 
 def _run(model, family, inputs, **attach_kwargs):
     """Attach, capture each site's input x, forward; returns (handle, captured x, output)."""
-    handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), **attach_kwargs)
+    handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), **{"kernels": "eager", **attach_kwargs})
     captured, hooks = capture_inputs(model, expected_sites(family))
     try:
         out = model(**inputs)
@@ -108,7 +108,7 @@ def test_padding_positions_do_not_change_the_penalty():
     inputs = tiny_inputs(model)
     mask = inputs["attention_mask"]
     assert (mask == 0).any()
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     with torch.no_grad():
         model(**inputs)
         first = handle.penalty()
@@ -152,7 +152,7 @@ def test_explicit_attention_mask_overrides_the_forward_mask():
 def test_mask_passed_positionally_is_used():
     model = _f64_model("bert")
     inputs = tiny_inputs(model)
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     with torch.no_grad():
         model(**inputs)
         by_keyword = handle.penalty()
@@ -239,7 +239,7 @@ def _feeding_outputs(model, family):
 @pytest.mark.parametrize("family", ["bert", "t5"])  # plain; gated with encoder and decoder positions
 def test_per_site_values_are_each_sites_penalty_by_hand(family):
     model = _f64_model(family)
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     z, hooks = _feeding_outputs(model, family)
     try:
         checked = []
@@ -271,7 +271,7 @@ def test_per_site_values_are_each_sites_penalty_by_hand(family):
 def test_calling_a_site_activation_between_forwards_does_not_change_the_next_penalty():
     model = _f64_model("bert")
     inputs = tiny_inputs(model)
-    with hf_dreg.attach(model) as handle, torch.no_grad():
+    with hf_dreg.attach(model, kernels="eager") as handle, torch.no_grad():
         model(**inputs)
         expected = handle.penalty()
         model.bert.encoder.layer[0].intermediate.intermediate_act_fn(torch.zeros(3, 6, 24, dtype=torch.float64))
@@ -313,7 +313,7 @@ def test_attach_detach_is_reversible(family):
         before_out = model(**inputs).logits  # a first forward, so lazily added hooks of transformers exist
         before_hooks = _hook_state(model)
         before_state = _state(model)
-        handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"))
+        handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), kernels="eager")
         assert _same_state(before_state, _state(model))  # nothing added to the state dict
         assert _hook_state(model) != before_hooks  # (the comparison does see our hooks)
         attached_out = model(**inputs).logits
@@ -331,7 +331,7 @@ def test_context_manager_detaches():
     inputs = tiny_inputs(model)
     model(**inputs)
     before_hooks = _hook_state(model)
-    with hf_dreg.attach(model) as handle:
+    with hf_dreg.attach(model, kernels="eager") as handle:
         model(**inputs)
         assert handle.penalty() > 0
     assert _hook_state(model) == before_hooks
@@ -340,7 +340,7 @@ def test_context_manager_detaches():
 def test_checkpoint_saved_while_attached_loads_without_hf_dreg(tmp_path):
     model = tiny_model("bert").eval()
     inputs = tiny_inputs(model)
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     with torch.no_grad():
         logits = model(**inputs).logits
     assert handle.penalty() > 0
@@ -384,7 +384,7 @@ def test_checkpoint_saved_while_attached_loads_without_hf_dreg(tmp_path):
 
 def test_penalty_before_any_forward_is_a_clear_error():
     model = tiny_model("bert")
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     with pytest.raises(RuntimeError, match="forward"):
         handle.penalty()
     with pytest.raises(RuntimeError, match="forward"):
@@ -399,7 +399,7 @@ def test_penalty_before_any_forward_is_a_clear_error():
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_non_finite_penalty_names_the_site(value):
     model = tiny_model("bert")
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     with torch.no_grad():
         model.bert.encoder.layer[1].intermediate.dense.weight[3, 5] = value
     model(**tiny_inputs(model))
@@ -427,7 +427,7 @@ def test_fused_matches_eager(family):
     for fused in (False, True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), fused=fused)
+            handle = hf_dreg.attach(model, activations=_ACTIVATIONS.get(family, "gelu"), kernels="compiled" if fused else "eager")
             model(**inputs)
             p = handle.penalty()
             grads = torch.autograd.grad(p, params, allow_unused=True)
@@ -454,7 +454,7 @@ def test_compiled_sites_can_be_differentiated_twice():
     model = tiny_model("bert").train()
     inputs = _inputs(model, "bert")
     params = [p for p in model.parameters() if p.requires_grad]
-    handle = hf_dreg.attach(model, fused=True)
+    handle = hf_dreg.attach(model, kernels="compiled")
     try:
         model(**inputs)
         p = handle.penalty()

@@ -57,7 +57,7 @@ def test_eval_dreg_equals_the_penalty_of_the_evaluated_data(tmp_path, tok):
     batch = tok.pad([trainer.eval_dataset[i] for i in range(8)], return_tensors="pt")
     batch.pop("labels")
     model = trainer.model.eval()
-    with torch.no_grad(), hf_dreg.attach(model) as handle:
+    with torch.no_grad(), hf_dreg.attach(model, kernels="eager") as handle:
         model(**batch)
         expected = float(handle.penalty())
     assert metrics["eval_dreg"] == pytest.approx(expected, rel=2e-5)
@@ -106,16 +106,16 @@ def test_hyperparameter_search_over_dreg_lambda_with_optuna(tmp_path, tok):
 
 def test_attaching_twice_is_refused_with_how_to_detach(tok):
     model = tiny_text_model("bert", tok.vocab_size)
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     with pytest.raises(RuntimeError, match=r"already has DREG attached.*detach\(\)"):
-        hf_dreg.attach(model)
+        hf_dreg.attach(model, kernels="eager")
     handle.detach()
-    hf_dreg.attach(model).detach()  # once detached, it can be attached again
+    hf_dreg.attach(model, kernels="eager").detach()  # once detached, it can be attached again
 
 
 def test_a_trainer_refuses_a_model_the_user_left_attached(tmp_path, tok):
     model = tiny_text_model("bert", tok.vocab_size)
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     trainer = _trainer(tmp_path, tok, model=model)
     with pytest.raises(RuntimeError, match="already has DREG attached"):
         trainer.train()
@@ -133,13 +133,13 @@ def test_virtual_tokens_are_a_clear_error_not_a_silent_count(tok):
     model = tiny_text_model("gpt2", tok.vocab_size)
     prompt_tuned = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(ValueError, match="prompt_tuning.*virtual tokens.*LoRA"):
-        hf_dreg.attach(prompt_tuned)
+        hf_dreg.attach(prompt_tuned, kernels="eager")
 
 
 def test_a_mask_that_does_not_describe_the_positions_is_an_error(tok):
     model = tiny_text_model("bert", tok.vocab_size)
     batch = tok(["a good movie", "bad"], padding=True, return_tensors="pt")
-    with hf_dreg.attach(model) as handle:
+    with hf_dreg.attach(model, kernels="eager") as handle:
         model(**batch)
         wrong = torch.ones(2, batch["input_ids"].shape[1] + 3, dtype=torch.long)
         with pytest.raises(PositionMismatchError, match="prompt/prefix tuning's virtual tokens"):

@@ -44,7 +44,7 @@ def test_micro_batch_shares_add_up_to_the_full_batch(tok, family):
     rows = [data[i] for i in range(len(WORD_COUNTS_8))]
     full, halves = collate(rows), [collate(rows[:4]), collate(rows[4:])]
     assert halves[0]["input_ids"].shape[1] != halves[1]["input_ids"].shape[1]  # padded to different lengths
-    with hf_dreg.attach(model, activations="all") as handle:
+    with hf_dreg.attach(model, activations="all", kernels="eager") as handle:
         model(**{k: v for k, v in full.items() if k != "labels"})
         expected = handle.penalty()
         counts = hf_dreg.count_positions(halves)
@@ -73,7 +73,7 @@ def test_gradients_of_the_shares_are_the_full_batch_gradient(tok):
     collate = DataCollatorWithPadding(tok)
     rows = [data[i] for i in range(8)]
     full, halves = collate(rows), [collate(rows[:4]), collate(rows[4:])]
-    with hf_dreg.attach(model, activations="all") as handle:
+    with hf_dreg.attach(model, activations="all", kernels="eager") as handle:
         model(**{k: v for k, v in full.items() if k != "labels"})
         expected = _grads(model, [handle.penalty()])
         counts = hf_dreg.count_positions(halves)
@@ -90,7 +90,7 @@ def test_gradients_of_the_shares_are_the_full_batch_gradient(tok):
 def test_bad_counts_are_errors_naming_the_fix(tok):
     model = _bert(tok)
     batch = DataCollatorWithPadding(tok)([classification_data(tok)[i] for i in range(2)])
-    with hf_dreg.attach(model, activations="all") as handle:
+    with hf_dreg.attach(model, activations="all", kernels="eager") as handle:
         model(**{k: v for k, v in batch.items() if k != "labels"})
         with pytest.raises(ValueError, match="no count of 'attention_mask' positions.*count_positions"):
             handle.penalty(num_positions={"decoder_attention_mask": 5})

@@ -136,7 +136,7 @@ def test_no_sites_lists_the_activation_classes():
         find_sites(model)  # default activations="gelu"
     assert "SiLUActivation" in str(info.value)
     with pytest.raises(NoSitesError):
-        hf_dreg.attach(model)
+        hf_dreg.attach(model, kernels="eager")
     assert issubclass(NoSitesError, ValueError)
 
 
@@ -148,7 +148,7 @@ def test_unsupported_mlp_activation_is_named(act, cls):
         find_sites(model, activations="all")
     assert cls in str(info.value)
     with pytest.raises(ValueError) as info:
-        hf_dreg.attach(model, activations="all")
+        hf_dreg.attach(model, activations="all", kernels="eager")
     assert cls in str(info.value)
     # excluding the unsupported MLP activations leaves no site: a NoSitesError, not a crash
     with pytest.raises(NoSitesError):
@@ -170,7 +170,7 @@ def test_unknown_activation_choice(choice):
         assert repr(valid) in message or valid in message
     assert "foo" in message or "gelu_new" in message
     with pytest.raises(ValueError):
-        hf_dreg.attach(model, activations=choice)
+        hf_dreg.attach(model, activations=choice, kernels="eager")
 
 
 # ---- exclude_modules ------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_exclude_modules_list_suffix_and_full_path():
     with pytest.raises(NoSitesError):
         find_sites(model, exclude_modules=["intermediate_act_fn"])
     # attach honours it
-    handle = hf_dreg.attach(model, exclude_modules=["layer.1.intermediate.intermediate_act_fn"])
+    handle = hf_dreg.attach(model, exclude_modules=["layer.1.intermediate.intermediate_act_fn"], kernels="eager")
     try:
         assert [s.name for s in handle.sites] == [layer0]
     finally:

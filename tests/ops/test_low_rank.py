@@ -111,7 +111,7 @@ CASES = {
 
 
 def _penalty_and_grads(model, inputs):
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     try:
         model(**inputs)
         value = handle.penalty()
@@ -132,7 +132,7 @@ def test_lora_model_penalty_from_factors_equals_the_merged_model_and_the_dense_p
     merged = copy.deepcopy(model).merge_and_unload().eval()
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, merged(**inputs).logits, rtol=1e-9, atol=1e-10)
-    handle = hf_dreg.attach(merged)
+    handle = hf_dreg.attach(merged, kernels="eager")
     with torch.no_grad():
         merged(**inputs)
         reference = handle.penalty()
@@ -163,7 +163,7 @@ def test_the_backward_keeps_no_weight_sized_tensor_of_a_lora_layer(fused):
             kept.append(tuple(t.shape))
         return t
 
-    handle = hf_dreg.attach(model, fused=fused)
+    handle = hf_dreg.attach(model, kernels="compiled" if fused else "eager")
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(**inputs)
@@ -181,12 +181,12 @@ def test_a_bf16_model_with_float32_lora_adapters_is_accepted_and_matches_float64
     model = peft.get_peft_model(model, config).eval()
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     inputs = tiny_inputs(model.base_model.model)
-    handle = hf_dreg.attach(model)
+    handle = hf_dreg.attach(model, kernels="eager")
     model(**inputs)
     ours = handle.penalty()
     handle.detach()
     wide = copy.deepcopy(model).to(torch.float64)  # the same weights, exactly
-    handle = hf_dreg.attach(wide)
+    handle = hf_dreg.attach(wide, kernels="eager")
     wide(**inputs)
     reference = handle.penalty()
     handle.detach()

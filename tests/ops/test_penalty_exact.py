@@ -1,4 +1,6 @@
-"""handle.penalty() against torch.func.jacrev in float64, for every activation and site kind."""
+"""handle.penalty() against torch.func.jacrev in float64, for every activation, site kind and kernel family."""
+
+import importlib.util
 
 import pytest
 import torch
@@ -27,6 +29,8 @@ ACTIVATIONS = {
     "nn.Tanh": nn.Tanh,
 }
 KINDS = ["plain", "gated", "fused_gated"]
+# every kernel family against the same float64 reference (triton: under TRITON_INTERPRET=1 on a CPU)
+FAMILIES = ["eager", pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
 
 
 def _data(seed=0, batch=3, seq=5, d=5):
@@ -46,12 +50,13 @@ def _model(kind, factory, seed=0):
     return model
 
 
+@pytest.mark.parametrize("kernels", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
-def test_penalty_matches_jacrev_float64(act, kind):
+def test_penalty_matches_jacrev_float64(act, kind, kernels):
     model = _model(kind, ACTIVATIONS[act])
     x, mask = _data()
-    handle = hf_dreg.attach(model, activations="all", inputs={"x": x[:1], "attention_mask": mask[:1]})
+    handle = hf_dreg.attach(model, activations="all", inputs={"x": x[:1], "attention_mask": mask[:1]}, kernels=kernels)
     assert len(handle.sites) == 2 and {s.kind for s in handle.sites} == {kind}
     model(x, attention_mask=mask)
     ours = handle.penalty()
@@ -61,14 +66,15 @@ def test_penalty_matches_jacrev_float64(act, kind):
     assert torch.allclose(ours, expected, rtol=1e-8, atol=0), (ours.item(), expected.item())
 
 
+@pytest.mark.parametrize("kernels", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", ["GELUActivation", "nn.GELU(tanh)", "QuickGELUActivation", "nn.SiLU", "nn.Tanh", "nn.ReLU"])
-def test_penalty_gradient_matches_jacrev_float64(act, kind):
+def test_penalty_gradient_matches_jacrev_float64(act, kind, kernels):
     """The hand-written backward gives the gradient autograd gives through the jacrev reference."""
     model = _model(kind, ACTIVATIONS[act])
     x, mask = _data(seed=1)
     x.requires_grad_(True)
-    handle = hf_dreg.attach(model, activations="all", inputs={"x": x[:1].detach(), "attention_mask": mask[:1]})
+    handle = hf_dreg.attach(model, activations="all", inputs={"x": x[:1].detach(), "attention_mask": mask[:1]}, kernels=kernels)
     model(x, attention_mask=mask)
     ours = torch.autograd.grad(handle.penalty(), [x, *model.parameters()], allow_unused=True)
     handle.detach()
@@ -237,9 +243,10 @@ def test_bf16_activations_use_the_derivatives_of_z_not_the_rounded_output():
     assert p.dtype == torch.float32 and torch.allclose(p, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kernels", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", ["GELUActivation", "nn.GELU(tanh)", "nn.SiLU", "nn.ReLU", "ClippedGELUActivation"])
-def test_task_and_penalty_gradient_matches_jacrev_float64(act, kind):
+def test_task_and_penalty_gradient_matches_jacrev_float64(act, kind, kernels):
     """With DREG attached, the gradient of task loss + penalty is the plain model's task gradient plus the
     jacrev reference's: the activation's own backward, now computed inside DREG's node, is still exact."""
     model = _model(kind, ACTIVATIONS[act])
@@ -247,7 +254,7 @@ def test_task_and_penalty_gradient_matches_jacrev_float64(act, kind):
     x.requires_grad_(True)
     target = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     params = [x, *model.parameters()]
-    handle = hf_dreg.attach(model, activations="all", inputs={"x": x[:1].detach(), "attention_mask": mask[:1]})
+    handle = hf_dreg.attach(model, activations="all", inputs={"x": x[:1].detach(), "attention_mask": mask[:1]}, kernels=kernels)
     out = model(x, attention_mask=mask)
     ours = torch.autograd.grad((out * target).sum() + 0.3 * handle.penalty(), params, allow_unused=True)
     handle.detach()

@@ -127,7 +127,7 @@ def test_script_runs_from_the_command_line(shared_data, tmp_path):
         "--model_type", "bert", "--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2",
         "--intermediate_size", "32", "--train_file", str(shared_data / "sst2" / "train.jsonl"),
         "--validation_file", str(shared_data / "sst2" / "test.jsonl"), "--max_train_samples", "16", "--max_eval_samples", "16",
-        "--output_dir", str(tmp_path / "cli"), "--max_steps", "1", "--use_cpu", "--report_to", "none", "--dreg_fused", "false",
+        "--output_dir", str(tmp_path / "cli"), "--max_steps", "1", "--use_cpu", "--report_to", "none", "--dreg_kernels", "eager",
     ]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     assert (tmp_path / "cli" / "all_results.json").is_file()

@@ -38,7 +38,7 @@ def _argv(model, out, *extra):
         "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--logging_steps", "1", "--learning_rate", "1e-2", "--save_strategy", "no", "--report_to", "none",
         "--use_cpu", "--disable_tqdm", "true", "--max_target_length", "8", "--seed", "0",
-        "--dreg_lambda", "0.01", "--dreg_fused", "false", *extra,
+        "--dreg_lambda", "0.01", "--dreg_kernels", "eager", *extra,
     ]
 
 

@@ -42,7 +42,7 @@ def _argv(model, out, fmt, *extra, validation=True):
         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--logging_steps", "1", "--learning_rate", "1e-2", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--max_length", "32", "--seed", "0",
-        "--dreg_lambda", "0.01", "--dreg_fused", "false",
+        "--dreg_lambda", "0.01", "--dreg_kernels", "eager",
     ]
     if validation:
         argv += ["--validation_file", str(FIXTURES / f"sft_{fmt}_validation.jsonl")]
@@ -177,7 +177,7 @@ def test_gpt2_messages_with_lora_from_one_yaml_file_and_push_to_hub(checkpoints,
                 "use_peft: true", "lora_r: 4", "lora_alpha: 8", "lora_target_modules: [c_attn, c_fc]",
                 "max_steps: 2", "per_device_train_batch_size: 4", "logging_steps: 1", "learning_rate: 1.0e-2",
                 "save_strategy: 'no'", "report_to: none", "use_cpu: true", "disable_tqdm: true", "max_length: 32",
-                "dreg_lambda: 0.01", "dreg_fused: false",
+                "dreg_lambda: 0.01", "dreg_kernels: eager",
                 "push_to_hub: true", "hub_model_id: someone/dreg-sft-test", "hub_strategy: end",
             ]
         )

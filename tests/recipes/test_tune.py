@@ -75,7 +75,7 @@ def _arguments(data_dir, output_dir, max_steps=30, **tune):
     data_args = DataArguments(data_dir=str(data_dir))
     training_args = DREGTrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, per_device_eval_batch_size=32,
-        learning_rate=3e-3, use_cpu=True, report_to=[], disable_tqdm=True, dreg_fused=False, logging_steps=100, seed=0,
+        learning_rate=3e-3, use_cpu=True, report_to=[], disable_tqdm=True, dreg_kernels="eager", logging_steps=100, seed=0,
     )  # fmt: skip
     values = dict(n_trials=2, seeds=[0, 1, 2], validation_fraction=0.25, search_lambda_min=100.0, search_lambda_max=1000.0)
     values.update(tune)
@@ -356,7 +356,7 @@ def _search_trainer(cls, tokenizer, tmp_path, recorded, **overrides):
             recorded.append((trainer.dreg_config.regularizer, trainer.regularizer.name, optimizer.param_groups[0]["weight_decay"]))
 
     values = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, use_cpu=True, report_to=[],
-                  disable_tqdm=True, dreg_fused=False, save_strategy="no")  # fmt: skip
+                  disable_tqdm=True, dreg_kernels="eager", save_strategy="no")  # fmt: skip
     values.update(overrides)
     trainer = cls(model_init=model_init, args=DREGTrainingArguments(**values), train_dataset=data, eval_dataset=data,
                   processing_class=tokenizer, callbacks=[Record()])  # fmt: skip

@@ -1,0 +1,244 @@
+"""The ``triton`` kernel family: one autograd Function per site, one kernel launch per pass.
+
+:class:`PlainSite` and :class:`GatedSite` are the sites of :mod:`hf_dreg.ops.functions` with every pass a
+kernel of :mod:`hf_dreg.ops.triton_kernels`, called directly (no ``torch.compile`` region, no dynamo
+guards, no per-call wrapper): forward, the row statistics (from the dense weight, in the same node) and
+the per-position penalty; backward, one kernel for the site's input gradient and the column partials,
+one sum of the partials, one kernel for the weight's gradient. The same nodes take row statistics
+computed elsewhere (LoRA's, from the factors: :mod:`hf_dreg.ops.low_rank`) instead of a weight.
+
+A plain site's node is also the activation's output (as :class:`~hf_dreg.ops.functions.PlainSiteActivation`):
+its backward gives z the activation's gradient and the penalty's in one kernel. A gated MLP whose product
+f(g) * u is one fused call (Liger Kernel's MLPs) gets that product from the penalty's forward kernel, and
+its gradient from the penalty's backward kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import triton_kernels as tk
+from .activations import ActivationSpec
+from .formulas import compute_dtype
+
+ROWS = 32  # positions per program in the backward kernels (one partial column sum per program)
+
+
+def check_device(t: Tensor) -> None:
+    """Triton runs on CUDA (and ROCm/XPU) tensors, or anywhere under ``TRITON_INTERPRET=1``."""
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "dreg_kernels='triton' runs on a GPU; on a CPU only under TRITON_INTERPRET=1 (slow: for tests). "
+            "Use dreg_kernels='auto' (--dreg_kernels auto; hf_dreg.attach(model, kernels='auto')) on a CPU."
+        )
+
+
+def _rows(t: Tensor, m: int) -> Tensor:
+    """t as (positions, m) with unit stride along m (a view where it can be)."""
+    flat = t.reshape(-1, m)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _act(spec: ActivationSpec) -> dict:
+    if not spec.kernel:
+        raise ValueError(f"the activation {spec.name!r} has no Triton kernel")
+    code, k, low, high = spec.kernel
+    return {"ACT": code, "K": k, "LOW": low, "HIGH": high}
+
+
+def _grid_rows(n_rows: int) -> int:
+    return max(1, -(-n_rows // ROWS))
+
+
+# ---- the row statistics ----------------------------------------------------------------------------
+
+
+def row_stats(w: Tensor) -> Tensor:
+    w = _rows(w, w.shape[-1])
+    r = torch.empty(w.shape[0], dtype=compute_dtype(w.dtype), device=w.device)
+    tk.row_stats_kernel[(w.shape[0],)](w, r, w.stride(0), w.shape[1], BLOCK=tk.block_size(w.shape[1]))
+    return r
+
+
+def row_stats_backward(w: Tensor, grad_r: Tensor) -> Tensor:
+    w = _rows(w, w.shape[-1])
+    grad_w = torch.empty_like(w)
+    block = tk.block_size(w.shape[1])
+    grid = (w.shape[0], -(-w.shape[1] // block))
+    tk.row_stats_backward_kernel[grid](w, grad_r.contiguous(), grad_w, w.stride(0), grad_w.stride(0), w.shape[1], BLOCK=block)
+    return grad_w
+
+
+def gated_row_stats(w_g: Tensor, w_u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    w_g, w_u = _rows(w_g, w_g.shape[-1]), _rows(w_u, w_u.shape[-1])
+    dtype = compute_dtype(w_g.dtype)
+    rg, ru, c = (torch.empty(w_g.shape[0], dtype=dtype, device=w_g.device) for _ in range(3))
+    block = tk.block_size(w_g.shape[1])
+    tk.gated_row_stats_kernel[(w_g.shape[0],)](w_g, w_u, rg, ru, c, w_g.stride(0), w_u.stride(0), w_g.shape[1], BLOCK=block)
+    return rg, ru, c
+
+
+def gated_row_stats_backward(w_g, w_u, grad_rg, grad_ru, grad_c) -> tuple[Tensor, Tensor]:
+    w_g, w_u = _rows(w_g, w_g.shape[-1]), _rows(w_u, w_u.shape[-1])
+    grad_g, grad_u = torch.empty_like(w_g), torch.empty_like(w_u)
+    block = tk.block_size(w_g.shape[1])
+    grid = (w_g.shape[0], -(-w_g.shape[1] // block))
+    tk.gated_row_stats_backward_kernel[grid](
+        w_g, w_u, grad_rg.contiguous(), grad_ru.contiguous(), grad_c.contiguous(), grad_g, grad_u,
+        w_g.stride(0), w_u.stride(0), grad_g.stride(0), grad_u.stride(0), w_g.shape[1], BLOCK=block,
+    )  # fmt: skip
+    return grad_g, grad_u
+
+
+# ---- the sites' passes -----------------------------------------------------------------------------
+
+
+def plain_forward(s: Tensor, r: Tensor, spec: ActivationSpec) -> Tensor:
+    m = s.shape[-1]
+    flat = _rows(s, m)
+    p = torch.empty(flat.shape[0], dtype=r.dtype, device=s.device)
+    if flat.shape[0]:
+        tk.plain_forward_kernel[(flat.shape[0],)](flat, r, p, flat.stride(0), m, **_act(spec), BLOCK=tk.block_size(m))
+    return p.reshape(s.shape[:-1])
+
+
+def plain_backward(s, r, grad_p, grad_a, z_dtype, spec) -> tuple[Tensor, Tensor]:
+    m = s.shape[-1]
+    flat = _rows(s, m)
+    n = flat.shape[0]
+    grad_z = torch.empty((n, m), dtype=z_dtype, device=s.device)
+    programs = _grid_rows(n)
+    part = torch.empty((programs, m), dtype=r.dtype, device=s.device)
+    block = tk.block_size(m, 256)
+    ga = _rows(grad_a, m) if grad_a is not None else flat  # a placeholder pointer where HAS_GA is off
+    tk.plain_backward_kernel[(programs, -(-m // block))](
+        flat, r, grad_p.reshape(-1).contiguous(), ga, grad_z, part, n, m, flat.stride(0), ga.stride(0), grad_z.stride(0),
+        HAS_GA=grad_a is not None, **_act(spec), ROWS=ROWS, BLOCK=block,
+    )  # fmt: skip
+    return grad_z.reshape(s.shape), part.sum(0)
+
+
+def gated_forward(s, u, rg, ru, c, spec, product: bool) -> tuple[Tensor, Tensor | None]:
+    m = s.shape[-1]
+    flat, uf = _rows(s, m), _rows(u, m)
+    n = flat.shape[0]
+    p = torch.empty(n, dtype=rg.dtype, device=s.device)
+    h = torch.empty((n, m), dtype=u.dtype, device=s.device) if product else None
+    if n:
+        out = h if product else uf  # a placeholder pointer where HAS_H is off
+        tk.gated_forward_kernel[(n,)](
+            flat, uf, rg, ru, c, p, out, flat.stride(0), uf.stride(0), out.stride(0), m,
+            HAS_H=product, **_act(spec), BLOCK=tk.block_size(m),
+        )  # fmt: skip
+    return p.reshape(s.shape[:-1]), (h.reshape(u.shape) if product else None)
+
+
+def gated_backward(s, u, rg, ru, c, grad_p, grad_h, dtypes, spec):
+    m = s.shape[-1]
+    flat, uf = _rows(s, m), _rows(u, m)
+    n = flat.shape[0]
+    grad_g = torch.empty((n, m), dtype=dtypes[0], device=s.device)
+    grad_u = torch.empty((n, m), dtype=dtypes[1], device=s.device)
+    programs = _grid_rows(n)
+    part = torch.empty((3, programs, m), dtype=rg.dtype, device=s.device)
+    block = tk.block_size(m, 256)
+    gh = _rows(grad_h, m) if grad_h is not None else uf
+    tk.gated_backward_kernel[(programs, -(-m // block))](
+        flat, uf, rg, ru, c, grad_p.reshape(-1).contiguous(), gh, grad_g, grad_u, part, n, m, programs,
+        flat.stride(0), uf.stride(0), gh.stride(0), grad_g.stride(0), grad_u.stride(0),
+        HAS_GH=grad_h is not None, **_act(spec), ROWS=ROWS, BLOCK=block,
+    )  # fmt: skip
+    grad_rg, grad_ru, grad_c = part.sum(1).unbind(0)
+    return grad_g.reshape(s.shape), grad_u.reshape(u.shape), grad_rg, grad_ru, grad_c
+
+
+# ---- the autograd Functions --------------------------------------------------------------------------
+
+
+class PlainSite(torch.autograd.Function):
+    """A plain site as one node: p, or (a, p) with ``a`` passed through as the activation's output.
+
+    ``weight`` is the dense weight (``from_weight``: the row statistics are computed in this node) or the
+    row statistics r themselves. Kept for backward: z (or a, as the activation keeps), the weight, r.
+    """
+
+    @staticmethod
+    def forward(ctx, z, a, weight, spec, from_weight, with_output):
+        s = (z if spec.saved == "input" else a).detach()
+        r = row_stats(weight) if from_weight else weight
+        p = plain_forward(s, r, spec)
+        ctx.save_for_backward(s, weight if from_weight else None, r)
+        ctx.spec, ctx.from_weight, ctx.with_output, ctx.z_dtype = spec, from_weight, with_output, z.dtype
+        if with_output:
+            ctx.set_materialize_grads(False)
+            return a, p
+        return p
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad_a, grad_p = grads if ctx.with_output else (None, grads[0])
+        s, weight, r = ctx.saved_tensors
+        if grad_a is None and grad_p is None:
+            return None, None, None, None, None, None
+        if grad_p is None:  # the penalty was not used (a layer recomputed by gradient checkpointing, eval)
+            grad_p = torch.zeros(s.shape[:-1], dtype=r.dtype, device=s.device)
+        grad_z, grad_r = plain_backward(s, r, grad_p, grad_a, ctx.z_dtype, ctx.spec)
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = row_stats_backward(weight, grad_r) if ctx.from_weight else grad_r
+        return grad_z, None, grad_weight, None, None, None
+
+
+class GatedSite(torch.autograd.Function):
+    """A gated site as one node: p, or (f(g) * u, p) where the gate's product is fused into the site.
+
+    ``stats`` is (W_g, W_u) with ``from_weight`` (the row statistics computed in this node), else
+    (rg, ru, c). Kept for backward: g (or f(g) for activations that keep their output), u, the weights
+    and the row statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, g, a, u, spec, from_weight, product, *stats):
+        s = (g if spec.saved == "input" or a is None else a).detach()
+        rg, ru, c = gated_row_stats(*stats) if from_weight else stats
+        p, h = gated_forward(s, u.detach(), rg, ru, c, spec, product)
+        weights = stats if from_weight else (None, None)
+        ctx.save_for_backward(s, u.detach(), *weights, rg, ru, c)
+        ctx.spec, ctx.from_weight, ctx.product, ctx.dtypes = spec, from_weight, product, (g.dtype, u.dtype)
+        if product:
+            ctx.set_materialize_grads(False)
+            return h, p
+        return p
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad_h, grad_p = grads if ctx.product else (None, grads[0])
+        s, u, w_g, w_u, rg, ru, c = ctx.saved_tensors
+        n_stats = 2 if ctx.from_weight else 3
+        if grad_h is None and grad_p is None:
+            return (None,) * (6 + n_stats)
+        if grad_p is None:
+            grad_p = torch.zeros(s.shape[:-1], dtype=rg.dtype, device=s.device)
+        grad_g, grad_u, grad_rg, grad_ru, grad_c = gated_backward(s, u, rg, ru, c, grad_p, grad_h, ctx.dtypes, ctx.spec)
+        if not any(ctx.needs_input_grad[6:]):
+            stat_grads = (None,) * n_stats
+        elif ctx.from_weight:
+            stat_grads = gated_row_stats_backward(w_g, w_u, grad_rg, grad_ru, grad_c)
+        else:
+            stat_grads = (grad_rg, grad_ru, grad_c)
+        return (grad_g, None, grad_u, None, None, None, *stat_grads)
+
+
+def plain_site(z: Tensor, a: Tensor, weight: Tensor, spec: ActivationSpec, from_weight: bool = True, with_output: bool = True):
+    """(a, p) (``with_output``) or p of a plain site: :class:`PlainSite`."""
+    check_device(z)
+    return PlainSite.apply(z, a, weight, spec, from_weight, with_output)
+
+
+def gated_site(g: Tensor, a: Tensor | None, u: Tensor, stats: tuple, spec: ActivationSpec, from_weight: bool = True, product: bool = False):
+    """p, or (f(g) * u, p) with ``product``, of a gated site: :class:`GatedSite`."""
+    check_device(g)
+    return GatedSite.apply(g, a, u, spec, from_weight, product, *stats)
