@@ -25,6 +25,8 @@ from .activations import ActivationSpec
 from .formulas import compute_dtype
 
 ROWS = 32  # positions per program in the backward kernels (one partial column sum per program)
+FORWARD_BLOCK = 1024  # units per step of a forward program's loop over the m units of its position
+BACKWARD_BLOCK = 256  # units per backward program
 
 
 def check_device(t: Tensor) -> None:
@@ -101,7 +103,7 @@ def plain_forward(s: Tensor, r: Tensor, spec: ActivationSpec) -> Tensor:
     flat = _rows(s, m)
     p = torch.empty(flat.shape[0], dtype=r.dtype, device=s.device)
     if flat.shape[0]:
-        tk.plain_forward_kernel[(flat.shape[0],)](flat, r, p, flat.stride(0), m, **_act(spec), BLOCK=tk.block_size(m))
+        tk.plain_forward_kernel[(flat.shape[0],)](flat, r, p, flat.stride(0), m, **_act(spec), BLOCK=tk.block_size(m, FORWARD_BLOCK))
     return p.reshape(s.shape[:-1])
 
 
@@ -112,7 +114,7 @@ def plain_backward(s, r, grad_p, grad_a, z_dtype, spec) -> tuple[Tensor, Tensor]
     grad_z = torch.empty((n, m), dtype=z_dtype, device=s.device)
     programs = _grid_rows(n)
     part = torch.empty((programs, m), dtype=r.dtype, device=s.device)
-    block = tk.block_size(m, 256)
+    block = tk.block_size(m, BACKWARD_BLOCK)
     ga = _rows(grad_a, m) if grad_a is not None else flat  # a placeholder pointer where HAS_GA is off
     tk.plain_backward_kernel[(programs, -(-m // block))](
         flat, r, grad_p.reshape(-1).contiguous(), ga, grad_z, part, n, m, flat.stride(0), ga.stride(0), grad_z.stride(0),
@@ -131,7 +133,7 @@ def gated_forward(s, u, rg, ru, c, spec, product: bool) -> tuple[Tensor, Tensor 
         out = h if product else uf  # a placeholder pointer where HAS_H is off
         tk.gated_forward_kernel[(n,)](
             flat, uf, rg, ru, c, p, out, flat.stride(0), uf.stride(0), out.stride(0), m,
-            HAS_H=product, **_act(spec), BLOCK=tk.block_size(m),
+            HAS_H=product, **_act(spec), BLOCK=tk.block_size(m, FORWARD_BLOCK),
         )  # fmt: skip
     return p.reshape(s.shape[:-1]), (h.reshape(u.shape) if product else None)
 
@@ -144,7 +146,7 @@ def gated_backward(s, u, rg, ru, c, grad_p, grad_h, dtypes, spec):
     grad_u = torch.empty((n, m), dtype=dtypes[1], device=s.device)
     programs = _grid_rows(n)
     part = torch.empty((3, programs, m), dtype=rg.dtype, device=s.device)
-    block = tk.block_size(m, 256)
+    block = tk.block_size(m, BACKWARD_BLOCK)
     gh = _rows(grad_h, m) if grad_h is not None else uf
     tk.gated_backward_kernel[(programs, -(-m // block))](
         flat, uf, rg, ru, c, grad_p.reshape(-1).contiguous(), gh, grad_g, grad_u, part, n, m, programs,

@@ -1,0 +1,167 @@
+"""The triton kernel family equals the eager one: every activation and site kind, op by op and on real models.
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py before any kernel is defined): values
+and gradients are checked here; launch cost and bf16 arithmetic are the GPU's (study/benchmarks/gpu_check.sh).
+The float64 comparison against torch.func.jacrev is in test_penalty_exact.py (parametrized over families).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tiny_models import tiny_inputs, tiny_model
+from transformers import activations as A
+
+import hf_dreg
+from hf_dreg.ops import functions
+from hf_dreg.ops.activations import spec_for
+
+pytest.importorskip("triton", reason="triton is in the test extra: pip install -e '.[test]'")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("the triton family runs on a CPU only under TRITON_INTERPRET=1", allow_module_level=True)
+
+from hf_dreg.ops import triton_functions  # noqa: E402  (after the interpreter is chosen)
+
+MODULES = {
+    "gelu": A.GELUActivation,
+    "gelu_tanh": A.GELUTanh,
+    "fast_gelu": A.FastGELUActivation,
+    "quick_gelu": A.QuickGELUActivation,
+    "clipped_gelu": lambda: A.ClippedGELUActivation(-0.1, 1.5),
+    "silu": torch.nn.SiLU,
+    "relu": torch.nn.ReLU,
+    "tanh": torch.nn.Tanh,
+}
+# positions: more than one backward program (32 rows each) and a ragged last one; units: several column blocks
+# (the forward's loop over them made to take three steps, the last ragged)
+SHAPES = [(2, 5, 37), (2, 20, 300)]
+# every activation on the small shape; the tiling (which does not depend on the activation) on the larger one
+CASES = [(act, SHAPES[0]) for act in MODULES] + [(act, SHAPES[1]) for act in ("gelu", "gelu_tanh", "relu")]
+
+
+@pytest.fixture(autouse=True)
+def _small_forward_blocks(monkeypatch):
+    monkeypatch.setattr(triton_functions, "FORWARD_BLOCK", 128)
+
+
+def _close(mine, ref, what):
+    scale = max(1.0, ref.abs().max().item())
+    assert torch.allclose(mine, ref, rtol=1e-5, atol=1e-5 * scale), (what, (mine - ref).abs().max().item())
+
+
+def _data(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = shape[-1]
+    z = (torch.randn(shape, generator=g) * 2).requires_grad_(True)
+    u = torch.randn(shape, generator=g).requires_grad_(True)
+    w = (torch.randn(m, 11, generator=g) / 3).requires_grad_(True)
+    v = (torch.randn(m, 11, generator=g) / 3).requires_grad_(True)
+    grad_p = torch.randn(shape[:-1], generator=g)
+    grad_a = torch.randn(shape, generator=g)
+    return z, u, w, v, grad_p, grad_a
+
+
+@pytest.mark.parametrize("act, shape", CASES)
+def test_plain_site_equals_eager_in_float32(act, shape):
+    """(a, p) of one node: the activation's own gradient and the penalty's, and the weight's through the row norms."""
+    module = MODULES[act]()
+    spec = spec_for(module)
+    z, _, w, _, grad_p, grad_a = _data(shape, 0)
+    results = []
+    for kernels in ("eager", "triton"):
+        a = module(z)
+        if kernels == "eager":
+            out, p = functions.plain_site_activation(z, a, functions.row_stats(w), spec)
+        else:
+            out, p = triton_functions.plain_site(z, a, w, spec)
+        assert torch.equal(out, a)
+        grads = torch.autograd.grad((out * grad_a).sum() + (p * grad_p).sum(), (z, w))
+        results.append((p.detach(), *grads))
+    for what, mine, ref in zip(("p", "grad z", "grad W"), results[1], results[0]):
+        _close(mine, ref, what)
+
+
+@pytest.mark.parametrize("act, shape", CASES)
+def test_gated_site_equals_eager_in_float32(act, shape):
+    module = MODULES[act]()
+    spec = spec_for(module)
+    z, u, w, v, grad_p, _ = _data(shape, 1)
+    results = []
+    for kernels in ("eager", "triton"):
+        a = module(z)
+        if kernels == "eager":
+            p = functions.gated_site_penalty(z, a, u, *functions.gated_row_stats(w, v), spec)
+        else:
+            p = triton_functions.gated_site(z, a, u, (w, v), spec)
+        results.append((p.detach(), *torch.autograd.grad((p * grad_p).sum(), (z, u, w, v))))
+    for what, mine, ref in zip(("p", "grad g", "grad u", "grad Wg", "grad Wu"), results[1], results[0]):
+        _close(mine, ref, what)
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+def test_the_fused_product_and_penalty_equal_the_unfused_ones(act):
+    """A fused MLP's node gives f(g) * u and p together, with both gradients, as f(g) * u and the penalty apart."""
+    module = MODULES[act]()
+    spec = spec_for(module)
+    g, u, w, v, grad_p, grad_h = _data((2, 20, 300), 2)
+    h, p = triton_functions.gated_site(g, None, u, (w, v), spec, product=True)
+    mine = (h.detach(), p.detach(), *torch.autograd.grad((h * grad_h).sum() + (p * grad_p).sum(), (g, u, w, v)))
+    a = module(g)
+    ref_h = a * u
+    ref_p = functions.gated_site_penalty(g, a, u, *functions.gated_row_stats(w, v), spec)
+    ref = (ref_h.detach(), ref_p.detach(), *torch.autograd.grad((ref_h * grad_h).sum() + (ref_p * grad_p).sum(), (g, u, w, v)))
+    for what, x, y in zip(("h", "p", "grad g", "grad u", "grad Wg", "grad Wu"), mine, ref):
+        _close(x, y, what)
+
+
+def test_bf16_inputs_give_float32_penalties_and_gradients_in_their_own_dtypes():
+    spec = spec_for(A.GELUTanh())
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(2, 40, 64, generator=g) * 2).to(torch.bfloat16).requires_grad_(True)
+    w = torch.randn(64, 8, generator=g).to(torch.bfloat16).requires_grad_(True)
+    out, p = triton_functions.plain_site(z, torch.nn.functional.gelu(z, approximate="tanh"), w, spec)
+    assert p.dtype == torch.float32
+    reference = functions.plain_site_penalty(z, out, functions.row_stats(w), spec)  # f' from z in float32
+    _close(p.detach(), reference.detach(), "p")
+    (p.sum() + out.float().sum()).backward()
+    assert z.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def _penalty_and_grads(model, inputs, kernels):
+    model.zero_grad(set_to_none=True)
+    with hf_dreg.attach(model, activations="all", kernels=kernels) as handle:
+        out = model(**inputs)
+        penalty = handle.penalty()
+        task = (out.logits.float() ** 2).mean()
+        (task + 0.7 * penalty).backward()
+    return penalty.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _lora_gemma():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=4, lora_dropout=0.0, init_lora_weights=False)
+    return peft.get_peft_model(tiny_model("gemma"), config)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "gemma", "gemma+lora", "t5", "modernbert"])
+def test_a_model_under_the_triton_family_equals_eager(family):
+    """BERT (plain), GPT-2 (Conv1D), Gemma (GeGLU), Gemma with LoRA (row statistics from the factors), T5
+    (encoder-decoder, two masks) and ModernBERT (a fused up-gate layer): the penalty and every gradient."""
+    model = (_lora_gemma() if family == "gemma+lora" else tiny_model(family)).eval()  # eval: no dropout between the runs
+    inputs = tiny_inputs(model.base_model.model if family == "gemma+lora" else model)
+    p0, g0 = _penalty_and_grads(model, inputs, "eager")
+    p1, g1 = _penalty_and_grads(model, inputs, "triton")
+    assert p0 > 0
+    _close(p1, p0, "penalty")
+    assert g0.keys() == g1.keys() and g0
+    scale = max(g.abs().max().item() for g in g0.values())
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], rtol=1e-5, atol=1e-6 * scale), (name, (g1[name] - g0[name]).abs().max())
+
+
+def test_the_triton_family_on_a_cpu_without_the_interpreter_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="dreg_kernels='auto'"):
+        triton_functions.check_device(torch.zeros(1))
