@@ -19,6 +19,7 @@ import os
 
 import torch
 from torch import Tensor
+from transformers.utils import logging
 
 from . import triton_kernels as tk
 from .activations import ActivationSpec
@@ -29,12 +30,27 @@ FORWARD_BLOCK = 1024  # units per step of a forward program's loop over the m un
 BACKWARD_BLOCK = 256  # units per backward program
 
 
+logger = logging.get_logger(__name__)
+_announced = False
+
+
 def check_device(t: Tensor) -> None:
-    """Triton runs on CUDA (and ROCm/XPU) tensors, or anywhere under ``TRITON_INTERPRET=1``."""
+    """Triton runs on CUDA (and ROCm/XPU) tensors, or anywhere under ``TRITON_INTERPRET=1``.
+
+    The first call of the process says that the kernels are being compiled: triton compiles each kernel
+    on its first launch (seconds, for each activation and dtype) and keeps it in its cache
+    (``~/.triton/cache``), so on a machine that has run them they load at once.
+    """
+    global _announced
     if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "dreg_kernels='triton' runs on a GPU; on a CPU only under TRITON_INTERPRET=1 (slow: for tests). "
             "Use dreg_kernels='auto' (--dreg_kernels auto; hf_dreg.attach(model, kernels='auto')) on a CPU."
+        )
+    if not _announced:
+        _announced = True
+        logger.warning(
+            "hf_dreg: compiling the DREG Triton kernels, once per machine (seconds; triton caches them in ~/.triton/cache)."
         )
 
 

@@ -56,7 +56,7 @@ def table(data: dict) -> str:
     for result in results:
         first = True
         for name, row in result["regularizers"].items():
-            bold = name == "dreg"
+            bold = name.partition("@")[0] == "dreg"
             label = f"{result['label']} ({_size(result)})" if first else ""
             shown = NAMES.get(name, name)
             shown = f"**{shown}**" if bold else shown

@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cost_table
 
 from hf_dreg import DREGTrainingArguments  # noqa: E402
-from hf_dreg.ops.kernels import KERNELS  # noqa: E402
+from hf_dreg.ops.kernels import KERNEL_FAMILIES, KERNELS  # noqa: E402
 from hf_dreg.regularizers import StepInfo, build_regularizer  # noqa: E402
 from hf_dreg.training_args import REGULARIZERS  # noqa: E402
 
@@ -218,10 +218,18 @@ class Contender:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """(regularizer, DREG kernel family) of a contender's name: ``dreg@triton`` is DREG with the triton family."""
+    regularizer, _, kernels = name.partition("@")
+    return regularizer, kernels or "auto"
+
+
 def build_contender(name: str, model, tmp: str, seed: int = 0) -> Contender:
+    regularizer, kernels = split_name(name)
     args = DREGTrainingArguments(
-        output_dir=tmp, regularizer="none" if name == PLAIN else name, use_cpu=True, report_to="none", seed=seed
-    )
+        output_dir=tmp, regularizer="none" if name == PLAIN else regularizer, dreg_kernels=kernels, use_cpu=True,
+        report_to="none", seed=seed,
+    )  # fmt: skip
     regularizer = build_regularizer(model, args)
     regularizer.activate(model)
     return Contender(name, model, regularizer, args.reg_lambda, args.weight_decay)
@@ -434,7 +442,7 @@ def run_shape(
         release_free_memory()
     state = {c.name: state_bytes(c) for c in contenders}
     strengths = {c.name: c.strength for c in contenders}
-    dreg = next((c for c in contenders if c.name == "dreg"), None)
+    dreg = next((c for c in contenders if split_name(c.name)[0] == "dreg"), None)
     sites = len(dreg.regularizer.handle.sites) if dreg else None
     trainable = sum(p.numel() for p in contenders[0].model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in contenders[0].model.parameters())
@@ -501,7 +509,8 @@ def run_shape(
 
 def _names(text: str, valid, what: str, parser) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in valid]
+    unknown = [s for s in names if split_name(s)[0] not in valid or (split_name(s)[0] != "dreg" and "@" in s)
+               or split_name(s)[1] not in KERNEL_FAMILIES]  # fmt: skip
     if unknown:
         parser.error(f"unknown {what} {unknown}; choose from {list(valid)}")
     return names
@@ -512,7 +521,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, of {', '.join(SHAPES)} (name:BxS for another size)")
     parser.add_argument(
         "--regularizers", default="default",
-        help=f"comma-separated, of {', '.join(REGULARIZERS)}; 'default': every one for the BERT shapes but "
+        help=f"comma-separated, of {', '.join(REGULARIZERS)} (dreg@<kernels> for one DREG kernel family: "
+        f"{', '.join(KERNEL_FAMILIES)}); 'default': every one for the BERT shapes but "
         "BERT-base, none and dreg for the others",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed rounds per shape (default: per shape)")
