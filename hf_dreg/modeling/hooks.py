@@ -29,6 +29,7 @@ from ..ops.kernels import resolve_kernels
 from ..ops.low_rank import (
     LowRankRows,
     gated_site_penalty_low_rank,
+    low_rank_stats,
     plain_site_activation_low_rank,
     plain_site_penalty_low_rank,
     weight_gated_row_stats,
@@ -94,6 +95,10 @@ class DREGHandle:
         device = next((p.device for p in model.parameters() if not p.is_meta), None)
         self.kernels = resolve_kernels(kernels, device)
         self.fused = self.kernels == "compiled"
+        # the frozen LoRA bases' own row statistics, per site: (signature of the bases, statistics); not kept
+        # where the weights are sharded (FSDP, ZeRO-3 gather them into storage that other layers reuse)
+        self._base_stats: dict[str, tuple] = {}
+        self._cache_bases = not _sharded(model)
         self._records: dict[str, Tensor] = {}
         self._masks: dict[str, Tensor] = {}
         self._recording = True
@@ -184,7 +189,7 @@ class DREGHandle:
             if self.kernels == "triton":
                 from ..ops import triton_functions
 
-                stats, dense = self._gated_stats(pieces)
+                stats, dense = self._gated_stats(site, pieces)
                 h, p = triton_functions.gated_site(g, None, u, stats, spec, from_weight=dense, product=True)
             else:
                 a = unfused_activation(spec)(g)
@@ -197,12 +202,30 @@ class DREGHandle:
 
         return forward
 
-    @staticmethod
-    def _gated_stats(pieces) -> tuple[tuple, bool]:
+    def _gated_stats(self, site, pieces) -> tuple[tuple, bool]:
         """(the weights, True) for dense weights, else (their row statistics, False) (LoRA's, from the factors)."""
         if isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows):
-            return weight_gated_row_stats(pieces.w_gate, pieces.w_up), False
+            return self._low_rank_stats(site, pieces.w_gate, pieces.w_up), False
         return (pieces.w_gate, pieces.w_up), True
+
+    def _low_rank_stats(self, site, w_gate, w_up=None):
+        """Row statistics of LoRA-fed weights as one node (:class:`~hf_dreg.ops.low_rank.LowRankStats`), the
+        frozen bases' own statistics computed once per version of the bases."""
+        bases = [w.base if isinstance(w, LowRankRows) else w for w in (w_gate, w_up) if w is not None]
+        if any(b.requires_grad for b in bases):  # a trained base: the general route
+            return weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
+        from ..ops import triton_functions
+
+        signature = tuple((b.data_ptr(), b._version, b.dtype, tuple(b.shape), b.stride()) for b in bases)
+        cached = self._base_stats.get(site.name)
+        if cached is not None and cached[0] == signature:
+            stats = cached[1]
+        else:
+            with torch.no_grad():
+                stats = (triton_functions.row_stats(bases[0]),) if w_up is None else triton_functions.gated_row_stats(*bases)
+            if self._cache_bases:
+                self._base_stats[site.name] = (signature, stats)
+        return low_rank_stats(w_gate, w_up, stats)
 
     def _record(self, site: Site, p: Tensor) -> None:
         self._pieces[site.name] = _Pieces()
@@ -237,10 +260,10 @@ class DREGHandle:
         if site.kind == PLAIN:
             w = pieces.w_gate
             dense = not isinstance(w, LowRankRows)
-            stats = w if dense else weight_row_stats(w)
+            stats = w if dense else self._low_rank_stats(site, w)
             out = triton_functions.plain_site(pieces.g, pieces.a, stats, spec, from_weight=dense, with_output=with_output)
             return out if with_output else (None, out)
-        stats, dense = self._gated_stats(pieces)
+        stats, dense = self._gated_stats(site, pieces)
         return None, triton_functions.gated_site(pieces.g, pieces.a, pieces.u, stats, spec, from_weight=dense)
 
     def _fire_torch(self, site, pieces, spec, with_output):
@@ -382,6 +405,7 @@ class DREGHandle:
         self._masks = {}
         self._last = {}
         self._pieces = {site.name: _Pieces() for site in self.sites}
+        self._base_stats = {}
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
@@ -396,6 +420,17 @@ class DREGHandle:
         for site in self.sites:
             kinds[site.kind] = kinds.get(site.kind, 0) + 1
         return f"DREGHandle({len(self.sites)} sites: {kinds})"
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether the model's weights are sharded (FSDP1/2, DeepSpeed ZeRO-3): gathered weights live in reused storage."""
+    for module in model.modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or type(module).__name__.startswith("FSDP"):
+            return True
+    for p in model.parameters():
+        if hasattr(p, "ds_id") or type(p).__name__ in ("DTensor", "FlatParameter"):
+            return True
+    return False
 
 
 def _refuse_virtual_tokens(model: nn.Module) -> None:

@@ -152,4 +152,139 @@ def gated_site_penalty_low_rank(g, a, u, w_g, w_u, spec, fused: bool = False):
     return _kernel(_gated_site_penalty_low_rank, spec, fused, parts)(g, a, u, *_factors(w_g), *_factors(w_u))
 
 
-__all__ = ["LowRankRows", "weight_gated_row_stats", "weight_row_stats"]
+
+
+# ---- LoRA row statistics as one node (the triton family) -------------------------------------------------
+
+
+def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1)
+
+
+class LowRankStats(torch.autograd.Function):
+    """The row statistics of LoRA-fed weights as one autograd node with a hand-written backward.
+
+    Each weight is a frozen base W0 plus, optionally, its factors U (out, R) and D (R, in) (see
+    :class:`LowRankRows`); ``base_stats`` are the bases' own statistics, (||W0_i||^2,) for a plain site,
+    (||G0_i||^2, ||U0_i||^2, <G0_i, U0_i>) for a gated one, which carry no gradient (computed once per
+    version of the frozen bases). Returns r, or (rg, ru, c): the formulas of this module's docstring, with
+    the products ``W0 D^T`` in the bases' dtype as there, the rest in the statistics' dtype. Saves the
+    factors and the (out, R) products for backward, never an (out, in) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, base_stats, g0, ug, dg, u0, uu, du):
+        dtype = base_stats[0].dtype
+        gated = u0 is not None
+
+        def proj(w0, d):  # (w0 D^T) in w0's dtype, as _cross computes it
+            return (w0 @ d.to(w0.dtype).t()).to(dtype)
+
+        Ug, Dg = (ug.to(dtype), dg.to(dtype)) if ug is not None else (None, None)
+        Uu, Du = (uu.to(dtype), du.to(dtype)) if uu is not None else (None, None)
+        rg = base_stats[0]
+        saved = {}
+        if Ug is not None and not (gated and Uu is not None):
+            saved["Pgg"], saved["UgGgg"] = proj(g0, dg), Ug @ (Dg @ Dg.t())
+            rg = rg + 2.0 * _dot_rows(Ug, saved["Pgg"]) + _dot_rows(saved["UgGgg"], Ug)
+        ctx.gated, ctx.dtypes = gated, (g0.dtype, None if ug is None else ug.dtype, None if uu is None else uu.dtype)
+        ctx.both = gated and ug is not None and uu is not None
+        ctx.has = (Ug is not None, Uu is not None)
+        if not gated:
+            ctx.save_for_backward(g0, Ug, Dg, saved.get("Pgg"), saved.get("UgGgg"))
+            return rg
+        ru, c = base_stats[1], base_stats[2]
+        if Ug is not None and Uu is not None:  # both factored: the two weights' factors stacked, 5 products each way
+            return LowRankStats._both_forward(ctx, rg, ru, c, base_stats[0], g0, u0, Ug, Uu, dg, du, proj)
+        if Uu is not None:
+            saved["Puu"], saved["UuGuu"] = proj(u0, du), Uu @ (Du @ Du.t())
+            ru = ru + 2.0 * _dot_rows(Uu, saved["Puu"]) + _dot_rows(saved["UuGuu"], Uu)
+            saved["Pgu"] = proj(g0, du)
+            c = c + _dot_rows(Uu, saved["Pgu"])
+        if Ug is not None:
+            saved["Pug"] = proj(u0, dg)
+            c = c + _dot_rows(Ug, saved["Pug"])
+        if Ug is not None and Uu is not None:
+            saved["UgGgu"] = Ug @ (Dg @ Du.t())
+            c = c + _dot_rows(saved["UgGgu"], Uu)
+        names = ("Pgg", "UgGgg", "Puu", "UuGuu", "Pgu", "Pug", "UgGgu")
+        ctx.save_for_backward(g0, u0, Ug, Dg, Uu, Du, *(saved.get(n) for n in names))
+        return rg, ru, c
+
+    @staticmethod
+    def _both_forward(ctx, rg, ru, c, _, g0, u0, Ug, Uu, dg, du, proj):
+        """D = [Dg; Du], U = [Ug | Uu]: Pg = G0 D^T = [Pgg | Pgu], Pu = U0 D^T = [Pug | Puu], and the blocks
+        of D D^T, as five products (the two weights' own and cross terms in each)."""
+        k = Ug.shape[1]
+        D = torch.cat([dg, du]).to(Ug.dtype)
+        Pg, Pu = proj(g0, D), proj(u0, D)
+        gram = D @ D.t()
+        UgG, UuG = Ug @ gram[:k], Uu @ gram[k:]  # [Ug Ggg | Ug Ggu], [Uu Gug | Uu Guu]
+        rg = rg + 2.0 * _dot_rows(Ug, Pg[:, :k]) + _dot_rows(UgG[:, :k], Ug)
+        ru = ru + 2.0 * _dot_rows(Uu, Pu[:, k:]) + _dot_rows(UuG[:, k:], Uu)
+        c = c + _dot_rows(Ug, Pu[:, :k]) + _dot_rows(Uu, Pg[:, k:]) + _dot_rows(UgG[:, k:], Uu)
+        ctx.save_for_backward(g0, u0, Ug, Uu, D, Pg, Pu, UgG, UuG)
+        ctx.rank = k
+        return rg, ru, c
+
+    @staticmethod
+    def _both_backward(ctx, grad_rg, grad_ru, grad_c):
+        g0, u0, Ug, Uu, D, Pg, Pu, UgG, UuG = ctx.saved_tensors
+        k = ctx.rank
+        grg, gru, gc = (g.unsqueeze(-1) for g in (grad_rg, grad_ru, grad_c))
+        grad_ug = 2.0 * grg * (Pg[:, :k] + UgG[:, :k]) + gc * (Pu[:, :k] + UuG[:, :k])
+        grad_uu = 2.0 * gru * (Pu[:, k:] + UuG[:, k:]) + gc * (Pg[:, k:] + UgG[:, k:])
+        A_g = torch.cat([2.0 * grg * Ug, gc * Uu], dim=1)  # D's gradient through G0: rows of Dg, then of Du
+        A_u = torch.cat([gc * Ug, 2.0 * gru * Uu], dim=1)  # ... and through U0
+        M = torch.cat([Ug.t() @ A_g, Uu.t() @ A_u])  # through D D^T
+        grad_D = (A_g.t().to(g0.dtype) @ g0).to(D.dtype) + (A_u.t().to(u0.dtype) @ u0).to(D.dtype) + M @ D
+        return None, None, grad_ug.to(ctx.dtypes[1]), grad_D[:k], None, grad_uu.to(ctx.dtypes[2]), grad_D[k:]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        has_g, has_u = ctx.has
+        if not ctx.gated:
+            g0, Ug, Dg, Pgg, UgGgg = ctx.saved_tensors
+            k = 2.0 * grads[0].unsqueeze(-1)
+            grad_ug = k * (Pgg + UgGgg)
+            kU = k * Ug
+            grad_dg = (kU.t().to(g0.dtype) @ g0).to(Dg.dtype) + (kU.t() @ Ug) @ Dg
+            return None, None, grad_ug.to(ctx.dtypes[1]), grad_dg, None, None, None
+        if ctx.both:
+            return LowRankStats._both_backward(ctx, *grads)
+        g0, u0, Ug, Dg, Uu, Du, Pgg, UgGgg, Puu, UuGuu, Pgu, Pug, UgGgu = ctx.saved_tensors
+        grg, gru, gc = (g.unsqueeze(-1) for g in grads)
+        grad_ug = grad_dg = grad_uu = grad_du = None
+        if has_g:
+            grad_ug = 2.0 * grg * (Pgg + UgGgg) + gc * Pug
+            a, b = 2.0 * grg * Ug, gc * Ug  # row weights of Dg's gradient: through g0 and through u0
+            grad_dg = (a.t().to(g0.dtype) @ g0).to(Dg.dtype) + (a.t() @ Ug) @ Dg + (b.t().to(u0.dtype) @ u0).to(Dg.dtype)
+        if has_u:
+            grad_uu = 2.0 * gru * (Puu + UuGuu) + gc * Pgu
+            a, b = 2.0 * gru * Uu, gc * Uu
+            grad_du = (a.t().to(u0.dtype) @ u0).to(Du.dtype) + (a.t() @ Uu) @ Du + (b.t().to(g0.dtype) @ g0).to(Du.dtype)
+        if has_g and has_u:
+            grad_ug = grad_ug + gc * (Uu @ (Du @ Dg.t()))
+            grad_uu = grad_uu + gc * UgGgu
+            grad_dg = grad_dg + ((gc * Ug).t() @ Uu) @ Du
+            grad_du = grad_du + ((gc * Uu).t() @ Ug) @ Dg
+        grad_ug = None if grad_ug is None else grad_ug.to(ctx.dtypes[1])
+        grad_uu = None if grad_uu is None else grad_uu.to(ctx.dtypes[2])
+        return None, None, grad_ug, grad_dg, None, grad_uu, grad_du
+
+
+def low_rank_stats(w_gate, w_up=None, base_stats=None):
+    """:func:`weight_row_stats` (``w_up`` None) or :func:`weight_gated_row_stats` as one :class:`LowRankStats`
+    node. The bases must carry no gradient; ``base_stats`` (their own statistics) are computed when not given."""
+    g0, u0 = _base(w_gate), None if w_up is None else _base(w_up)
+    if base_stats is None:
+        with torch.no_grad():
+            base_stats = (row_stats(g0),) if w_up is None else gated_row_stats(g0, u0)
+    ug, dg = (w_gate.up, w_gate.down) if isinstance(w_gate, LowRankRows) else (None, None)
+    uu, du = (w_up.up, w_up.down) if isinstance(w_up, LowRankRows) else (None, None)
+    dtype = compute_dtype(_dtype(w_gate, *(() if w_up is None else (w_up,))))
+    base_stats = tuple(t.to(dtype) for t in base_stats)
+    return LowRankStats.apply(base_stats, g0, ug, dg, u0, uu, du)
+
+
+__all__ = ["LowRankRows", "low_rank_stats", "weight_gated_row_stats", "weight_row_stats"]

@@ -43,7 +43,10 @@ from hf_dreg.ops import low_rank as _low_rank  # noqa: E402
 from hf_dreg.ops.kernels import KERNELS  # noqa: E402
 from hf_dreg.regularizers import build_regularizer  # noqa: E402
 
-VARIANTS = {"plain": ("none", True), "dreg-fused": ("dreg", True), "dreg-parts": ("dreg", True), "dreg-eager": ("dreg", False)}
+VARIANTS = {
+    "plain": ("none", "eager"), "dreg-fused": ("dreg", "compiled"), "dreg-parts": ("dreg", "compiled"), "dreg-eager": ("dreg", "eager"),
+    "dreg-triton": ("dreg", "triton"),
+}  # name -> (regularizer, DREG kernel family); dreg-triton on a CPU only under TRITON_INTERPRET=1 (counts, not times)
 # dreg-parts: fused kernels, but each site as separately compiled parts (row statistics, the site's node),
 # the route a torch that cannot trace a whole site as one region takes (hf_dreg.ops.kernels.KERNELS)
 CUDA_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaStreamSynchronize", "cudaDeviceSynchronize",
@@ -74,9 +77,8 @@ def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:
     contenders = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in variants:
-            regularizer_name, fused = VARIANTS[name]
+            regularizer_name, kernels = VARIANTS[name]
             model = copy.deepcopy(template)
-            kernels = "compiled" if fused else "eager"
             args = DREGTrainingArguments(output_dir=tmp, regularizer=regularizer_name, dreg_kernels=kernels, use_cpu=True, report_to="none")
             regularizer = build_regularizer(model, args)
             regularizer.activate(model)
@@ -87,12 +89,49 @@ def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:
     return contenders
 
 
+LAUNCH = "dreg::triton_launch"
+
+
+class _MarkedKernel:
+    """A Triton kernel whose launches run under a profiler label: what runs inside one (the launch itself;
+    under TRITON_INTERPRET=1 the interpreter's own copies) is counted as one launch, not as operators."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(LAUNCH):
+                return launch(*args, **kwargs)
+
+        return run
+
+
+def mark_triton_launches() -> None:
+    """Label every kernel of hf_dreg.ops.triton_kernels (once per process)."""
+    from hf_dreg.ops import triton_kernels
+
+    for name in dir(triton_kernels):
+        if name.endswith("_kernel") and not isinstance(getattr(triton_kernels, name), _MarkedKernel):
+            setattr(triton_kernels, name, _MarkedKernel(getattr(triton_kernels, name)))
+
+
 def op_counts(contender, batch, cuda: bool) -> Counter:
+    """Every profiler key's count in one step; what runs inside a Triton launch is left out (the launch is one key)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         contender.step(batch)
         contender.sync()
-    return Counter({e.key: e.count for e in prof.key_averages()})
+    counts: Counter = Counter()
+    for event in prof.events():
+        parent, inside = event.cpu_parent, False
+        while parent is not None and not inside:
+            inside, parent = parent.name == LAUNCH, parent.cpu_parent
+        if not inside:
+            counts[event.name] += 1
+    return counts
 
 
 def sync_stacks(contender, batch) -> list[tuple[int, str]]:
@@ -121,6 +160,8 @@ def sync_stacks(contender, batch) -> list[tuple[int, str]]:
 
 
 def run_shape(text: str, device: str, dtype: torch.dtype, variants: list[str], rounds: int, warmup: int) -> dict:
+    if "dreg-triton" in variants:
+        mark_triton_launches()
     name, shape = overhead.parse_shape(text)
     contenders = build(shape, device, dtype, variants)
     batch = overhead.make_batch(shape, next(iter(contenders.values())).model, device)
@@ -139,9 +180,20 @@ def run_shape(text: str, device: str, dtype: torch.dtype, variants: list[str], r
         "time_ratio": {n: statistics.median(a / b for a, b in zip(t, times["plain"])) for n, t in times.items()},
         "cuda_calls_per_step": {n: {k: c[k] for k in CUDA_CALLS if c[k]} for n, c in counts.items()},
         "operators_per_step": {n: sum(v for k, v in c.items() if k.startswith("aten::")) for n, c in counts.items()},
+        # calls of a torch.compile region per step (forward regions and their compiled backwards)
+        "compiled_calls_per_step": {n: c["Torch-Compiled Region"] + sum(v for k, v in c.items() if k.startswith("Torch-Compiled Region:"))
+                                    + c["CompiledFunctionBackward"] for n, c in counts.items()},  # fmt: skip
+        "triton_launches_per_step": {n: c[LAUNCH] for n, c in counts.items()},
+        "sites": next((len(c.regularizer.handle.sites) for c in contenders.values() if getattr(c.regularizer, "handle", None)), None),
         "added_over_plain": {},
         "sync_stacks": {},
     }
+    sites = result["sites"] or 1
+    ops = result["operators_per_step"]
+    result["operators_added_per_site"] = {n: (ops[n] - ops["plain"]) / sites for n in contenders if n != "plain"}
+    result["triton_launches_per_site"] = {n: result["triton_launches_per_step"][n] / sites for n in contenders if n != "plain"}
+    result["compiled_calls_per_site"] = {n: (result["compiled_calls_per_step"][n] - result["compiled_calls_per_step"]["plain"]) / sites
+                                         for n in contenders if n != "plain"}  # fmt: skip
     for n in contenders:
         if n == "plain":
             continue
@@ -166,6 +218,8 @@ def as_text(results: list[dict]) -> str:
                 f"{n:12s} {r['median_step_ms'][n]:9.2f} ms  x{r['time_ratio'][n]:.3f}  aten ops {r['operators_per_step'][n]}  "
                 f"cuda {r['cuda_calls_per_step'][n]}"
             )
+        lines.append(f"-- per site ({r['sites']} sites): aten operators added {r['operators_added_per_site']}, "
+                     f"compiled-region calls {r['compiled_calls_per_site']}, triton launches {r['triton_launches_per_site']}")
         for n, added in r["added_over_plain"].items():
             lines.append(f"-- {n}: added over plain: {added}")
         for n, stacks in r["sync_stacks"].items():

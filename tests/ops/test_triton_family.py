@@ -165,3 +165,50 @@ def test_the_triton_family_on_a_cpu_without_the_interpreter_is_refused_with_the_
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="dreg_kernels='auto'"):
         triton_functions.check_device(torch.zeros(1))
+
+
+def test_the_frozen_bases_statistics_follow_an_in_place_change_of_the_weights():
+    """Under LoRA the bases' own row statistics are kept between steps: a weight changed in place (its
+    version moves) is read again, so the penalty is still the eager family's."""
+    model = _lora_gemma().eval()
+    inputs = tiny_inputs(model.base_model.model)
+    with hf_dreg.attach(model, kernels="triton") as handle:
+        model(**inputs)
+        first = handle.penalty().detach()
+        assert handle._base_stats  # kept
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "base_layer" in name and "mlp" in name:
+                    p.mul_(1.5)
+        model(**inputs)
+        second = handle.penalty().detach()
+    p_eager, _ = _penalty_and_grads(model, inputs, "eager")
+    assert abs(second - first) > 1e-3 * first
+    _close(second, p_eager, "penalty after the change")
+
+
+def test_lora_row_statistics_as_one_node_equal_the_general_route_in_float64():
+    from hf_dreg.ops.low_rank import LowRankRows, low_rank_stats, weight_gated_row_stats, weight_row_stats
+
+    g = torch.Generator().manual_seed(0)
+
+    def factored(rank):
+        return LowRankRows(torch.randn(7, 5, generator=g, dtype=torch.float64),
+                           torch.randn(7, rank, generator=g, dtype=torch.float64, requires_grad=True),
+                           torch.randn(rank, 5, generator=g, dtype=torch.float64, requires_grad=True))  # fmt: skip
+
+    def dense():
+        return torch.randn(7, 5, generator=g, dtype=torch.float64)
+
+    for w_gate, w_up in ((factored(3), None), (factored(3), factored(2)), (factored(3), dense()), (dense(), factored(2))):
+        leaves = [t for w in (w_gate, w_up) if isinstance(w, LowRankRows) for t in (w.up, w.down)]
+        weights = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(3)]
+        mine = low_rank_stats(w_gate, w_up)
+        ref = weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
+        mine, ref = ((mine,), (ref,)) if w_up is None else (mine, ref)
+        for a, b in zip(mine, ref):
+            assert torch.allclose(a, b, rtol=1e-12, atol=0)
+        ga = torch.autograd.grad(sum((a * w).sum() for a, w in zip(mine, weights)), leaves)
+        gb = torch.autograd.grad(sum((b * w).sum() for b, w in zip(ref, weights)), leaves)
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
