@@ -11,7 +11,11 @@ an independent run:
   against the float32 update (the penalty is computed in float32 whatever the autocast dtype);
 - ``fsdp``: FSDP (fully sharded, wrapped per BertLayer) against the same training without FSDP,
   weights after two steps, float32; launched with torchrun (one process per GPU);
-- ``ddp``: 2 processes x 4 against 1 process x 8 (needs two GPUs; with one GPU it says so and skips).
+- ``ddp``: 2 processes x 4 against 1 process x 8 (needs two GPUs; with one GPU it says so and skips);
+- ``kernels``: the triton kernel family (compiled by triton for this GPU, not interpreted) against the eager
+  one: the Trainer's float32 update of the BERT classifier, and the penalty and gradients of a tiny Gemma-2
+  with LoRA (gated sites, row statistics from the factors) in float32 and in bf16 (on a CPU only under
+  ``TRITON_INTERPRET=1``).
 
 Writes ``gpu_check.json`` (one entry per check: the measured relative differences, the tolerance,
 pass/fail, or why it was skipped) and prints it. On a CPU machine the bf16 check runs on the CPU
@@ -34,7 +38,8 @@ import torch
 WORDS = [f"w{i}" for i in range(200)]
 WORD_COUNTS = [38, 21, 30, 17, 1, 6, 3, 9, 25, 2, 14, 8, 1, 33, 4, 7]
 # bf16 tolerances: measured on CPU autocast 1.6e-3 (accumulation) and 3.1e-3 (against float32)
-TOLERANCE = {"bf16_accumulation": 1e-2, "bf16_vs_fp32": 2e-2, "fsdp": 1e-5, "ddp": 1e-5}
+TOLERANCE = {"bf16_accumulation": 1e-2, "bf16_vs_fp32": 2e-2, "fsdp": 1e-5, "ddp": 1e-5,
+             "triton_trainer_fp32": 1e-5, "triton_lora_fp32": 1e-5, "triton_lora_bf16": 1e-2}
 
 
 def tokenizer():
@@ -120,6 +125,58 @@ def check_bf16(device: str, tmp: str) -> dict:
             "passed": all(results[k] <= tolerance[k] for k in results)}  # fmt: skip
 
 
+def _gemma2_lora(device: str, dtype: torch.dtype):
+    import peft
+    import transformers as tf
+
+    config = tf.Gemma2Config(vocab_size=99, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, pad_token_id=0)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    net = tf.Gemma2ForCausalLM(config).eval()
+    lora = peft.LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=4, lora_dropout=0.0, init_lora_weights=False)
+    return peft.get_peft_model(net, lora).to(device=device, dtype=dtype)
+
+
+def _penalty_grads(net, kernels: str, device: str):
+    import hf_dreg
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 99, (4, 33), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    mask[3, 5:] = 0
+    net.zero_grad(set_to_none=True)
+    with hf_dreg.attach(net, kernels=kernels) as handle:
+        out = net(input_ids=ids, attention_mask=mask)
+        penalty = handle.penalty()
+        (out.logits.float().pow(2).mean() + penalty).backward()
+    grads = {n: p.grad.detach().float().cpu() for n, p in net.named_parameters() if p.grad is not None}
+    return float(penalty), grads
+
+
+def check_kernels(device: str, tmp: str) -> dict:
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "no CUDA device (the triton family runs on a CPU only under TRITON_INTERPRET=1)"}
+    use_cpu = device == "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    _, triton, init = train(f"{tmp}/triton", 8, 1, dreg_kernels="triton", use_cpu=use_cpu)
+    _, eager, _ = train(f"{tmp}/eager", 8, 1, use_cpu=use_cpu)
+    results = {"triton_trainer_fp32": relative(triton, eager, init)}
+    penalties = {}
+    for dtype, key in ((torch.float32, "triton_lora_fp32"), (torch.bfloat16, "triton_lora_bf16")):
+        net = _gemma2_lora(device, dtype)
+        p_eager, g_eager = _penalty_grads(net, "eager", device)
+        p_triton, g_triton = _penalty_grads(net, "triton", device)
+        zero = {k: torch.zeros_like(v) for k, v in g_eager.items()}
+        results[key] = max(abs(p_triton - p_eager) / abs(p_eager), relative(g_triton, g_eager, zero))
+        penalties[key] = {"eager": p_eager, "triton": p_triton}
+    tolerance = {k: TOLERANCE[k] for k in results}
+    return {"device": device, "relative_difference": results, "tolerance": tolerance, "penalties": penalties,
+            "passed": all(results[k] <= tolerance[k] for k in results)}  # fmt: skip
+
+
 def _torchrun(nproc: int, role: str, out: str, extra_env=None) -> None:
     env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env.get("PYTHONPATH", "")])
@@ -158,7 +215,7 @@ def check_distributed(role: str, tmp: str) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for gpu_check.json.")
-    parser.add_argument("--checks", default="bf16,fsdp,ddp", help="Comma-separated: bf16, fsdp, ddp.")
+    parser.add_argument("--checks", default="bf16,fsdp,ddp,kernels", help="Comma-separated: bf16, fsdp, ddp, kernels.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -168,12 +225,14 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
     for name in [c.strip() for c in args.checks.split(",") if c.strip()]:
-        if name not in ("bf16", "fsdp", "ddp"):
-            raise SystemExit(f"Unknown check {name!r}: choose from bf16, fsdp, ddp.")
+        if name not in ("bf16", "fsdp", "ddp", "kernels"):
+            raise SystemExit(f"Unknown check {name!r}: choose from bf16, fsdp, ddp, kernels.")
         with tempfile.TemporaryDirectory(prefix=f"gpu_check_{name}_") as tmp:
             try:
                 if name == "bf16":
                     report[name] = check_bf16(device, tmp)
+                elif name == "kernels":
+                    report[name] = check_kernels(device, tmp)
                 elif device != "cuda":
                     report[name] = {"skipped": "no CUDA device (the Trainer runs FSDP only in distributed GPU training)"}
                 else:
