@@ -449,7 +449,9 @@ def _refuse_virtual_tokens(model: nn.Module) -> None:
 
 
 def check_finite(total: Tensor, per_site: dict[str, Tensor]) -> None:
-    if bool(torch.isfinite(total)):
+    """A clear error for a NaN/inf penalty (eagerly; inside a torch.compile graph it would break the graph
+    and sync the device, so there the loss's own NaN is what the user sees)."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(total)):
         return
     bad = [name for name, v in per_site.items() if not math.isfinite(float(v))]
     raise FloatingPointError(

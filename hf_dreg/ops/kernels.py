@@ -111,7 +111,8 @@ class KernelCache:
         refuses a Function that returns one of its inputs, as the activation's node does), so where it
         fails the site takes that route, saying so once per kind of site.
         """
-        if not fused or self.failed:
+        if not fused or self.failed or torch.compiler.is_compiling():
+            # inside the model's own torch.compile graph the same math is traced into that graph (fused there)
             return lambda *args: fn(spec, *args)
         key = (fn, spec)
         if key not in self.compiled:
