@@ -159,8 +159,26 @@ class DREGTrainerMixin:
         if isinstance(checkpoint, str):
             self._check_resumed_settings(checkpoint)
         self._loss_kwargs_decided = False
-        with self._dreg_attached():
-            return super().train(checkpoint if checkpoint is not False else None, *args, **kwargs)
+        # use_liger_kernel: the base trainer patches the model inside train(), after DREG has attached, which would
+        # leave DREG's hooks on activation modules that no longer run. Patched here instead, before the sites are found
+        # (Liger's fused MLPs are sites of their own: hf_dreg.modeling.fused_mlps), and not again by the base trainer.
+        liger = bool(getattr(self.args, "use_liger_kernel", False))
+        if liger and self.model is not None and self.model_init is None:
+            self._apply_liger(self.model)
+            self._build_regularizer(self.model)
+        self._liger_pending = liger
+        self.args.use_liger_kernel = False
+        try:
+            with self._dreg_attached():
+                return super().train(checkpoint if checkpoint is not False else None, *args, **kwargs)
+        finally:
+            self.args.use_liger_kernel = liger
+            self._liger_pending = False
+
+    def _apply_liger(self, model) -> None:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, self.args.liger_kernel_config)
 
     def evaluate(self, *args, **kwargs):
         with self._dreg_attached():
@@ -172,6 +190,8 @@ class DREGTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
+        if getattr(self, "_liger_pending", False):  # use_liger_kernel with model_init: patched before its sites are found
+            self._apply_liger(model)
         if getattr(self, "_dreg_ready", False):  # train() rebuilt the model: the sites of the new one
             attached = self._dreg_depth > 0
             self._build_regularizer(model)

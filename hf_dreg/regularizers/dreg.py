@@ -24,6 +24,7 @@ class DREG(Regularizer):
         self.log_per_site = config.dreg_log_per_site
         self.handle: DREGHandle | None = None
         self.last_values: dict = {}
+        self._warned_missing = False
         logger.info(f"DREG sites (lambda={config.reg_lambda}): {len(self.sites)}")
 
     def activate(self, model):
@@ -41,6 +42,14 @@ class DREG(Regularizer):
         loss, outputs = task_loss(model, inputs)
         sums = self.handle.site_sums(masks=step.masks)
         names = [site.name for site, _, _ in sums]
+        if len(sums) < len(self.sites) and not self._warned_missing and model.training:
+            self._warned_missing = True
+            missing = sorted({site.name for site in self.sites} - set(names))
+            logger.warning(
+                f"hf_dreg: {len(missing)} of {len(self.sites)} DREG sites computed nothing in this forward ({missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''}): their modules did not run, or the model was patched after DREG "
+                "attached (a kernel patch replacing the MLPs' forward). The penalty covers the other sites only."
+            )
         if model.training and torch.is_grad_enabled():
             # logged as this micro-batch's share of the step: averaged over the step's micro-batches and
             # processes it is the step's penalty, the one in the loss

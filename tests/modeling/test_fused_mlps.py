@@ -153,3 +153,65 @@ def test_an_mlp_that_never_calls_its_activation_module_gets_an_error_that_says_s
     message = str(caught.value)
     assert "never run" in message and "model.layers.0.mlp.act_fn" in message
     assert "use_liger_kernel=False" in message and "LigerGEGLUMLP" in message
+
+
+def test_a_trainer_with_use_liger_kernel_trains_with_the_penalty_of_the_unpatched_model(patched, tmp_path):
+    """use_liger_kernel=True: the base trainer would patch the model after DREG attached; the DREG trainer patches
+    it first, so Liger's MLPs are the sites, and the run logs what the same run without Liger logs."""
+    from datasets import Dataset
+    from trainer_helpers import make_args, sgd
+
+    from hf_dreg import DREGTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 99, (4 + i % 3,), generator=g).tolist()} for i in range(8)]
+    data = Dataset.from_list([{**r, "labels": r["input_ids"]} for r in rows])
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    base, _, _ = patched("gemma2")
+    liger_config = {"rope": False, "rms_norm": False, "cross_entropy": False, "fused_linear_cross_entropy": False, "geglu": True}
+    logs = {}
+    for name, extra in (("plain", {}), ("liger", {"use_liger_kernel": True, "liger_kernel_config": liger_config})):
+        model = copy.deepcopy(base).train()
+        args = make_args(tmp_path / name, **sgd(per_device_train_batch_size=4, max_steps=2, learning_rate=0.1), dreg_lambda=1.0, **extra)
+        trainer = DREGTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.train()
+        logs[name] = [e[k] for e in trainer.state.log_history if "dreg" in e and "loss" in e for k in ("loss", "dreg")]
+        if name == "liger":
+            assert {s.kind for s in trainer.dreg_sites} == {FUSED_MLP}
+            assert trainer.args.use_liger_kernel is True  # the flag is the user's again after train()
+            assert model.model.layers[0].mlp.forward.__func__.__module__.startswith("liger_kernel")
+    assert len(logs["plain"]) == 4 and logs["plain"][1] > 0
+    assert logs["liger"] == pytest.approx(logs["plain"], rel=1e-4)
+
+
+def test_sites_that_stop_running_after_dreg_attached_are_reported(tmp_path, caplog):
+    """A patch applied after DREG attached (here: layer 0's MLP made to compute its activation itself at the start
+    of training) leaves that site without a value: said once, naming it, not silently dropped."""
+    from datasets import Dataset
+    from trainer_helpers import make_args, sgd
+    from transformers import TrainerCallback
+
+    from hf_dreg import DREGTrainer
+
+    class PatchAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            mlp = model.model.layers[0].mlp
+            mlp.forward = types.MethodType(lambda self, x: self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)), mlp)
+
+    data = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 4)
+    args = make_args(tmp_path, **sgd(per_device_train_batch_size=4, max_steps=1), dreg_lambda=1.0)
+    trainer = DREGTrainer(model=_gemma2().train(), args=args, train_dataset=data, callbacks=[PatchAtStart()])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "computed nothing" in r.getMessage()]
+    assert len(said) == 1 and "model.layers.0.mlp.act_fn" in said[0] and "1 of 2" in said[0]
