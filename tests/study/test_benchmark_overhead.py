@@ -99,10 +99,11 @@ def test_gpu_cost_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     data = json.loads((tmp_path / "gpu_cost.json").read_text())
     assert data["meta"]["dtype"] == "bfloat16" and data["meta"]["device"] == "cpu"
     (result,) = data["results"]
-    _check_result(result, "gemma2-tiny-lora", ["none", "dreg"], 1)
+    families = ["dreg@triton", "dreg@compiled", "dreg@eager"]  # every kernel family (triton: interpreted here)
+    _check_result(result, "gemma2-tiny-lora", ["none", *families], 1)
     assert result["dtype"] == "bfloat16"
     table = (tmp_path / "gpu_cost.md").read_text()
-    assert "| | **dreg** |" in table and "Measured on cpu, bfloat16" in table
+    assert all(f"| | **{name}** |" in table for name in families) and "Measured on cpu, bfloat16" in table
     assert (tmp_path / "gpu_cost.log").exists()
 
 
@@ -153,5 +154,9 @@ def test_profile_step_counts_what_dreg_adds_to_the_plain_step(tmp_path):
     assert added.get("TorchDynamo Cache Lookup", 0) > 0  # the fused path really runs compiled kernels
     assert "TorchDynamo Cache Lookup" not in dict(result["added_over_plain"]["dreg-eager"])
     assert result["sync_stacks"] == {}  # no CUDA here
+    # per site: the triton family calls no compiled region and launches its kernels; the compiled family is regions
+    assert result["compiled_calls_per_site"]["dreg-triton"] == 0 and result["triton_launches_per_site"]["dreg-triton"] >= 2
+    assert result["compiled_calls_per_site"]["dreg-fused"] >= 1 and result["triton_launches_per_site"]["dreg-fused"] == 0
+    assert result["compiled_calls_per_site"]["dreg-eager"] == 0
     assert json.loads((tmp_path / "profile.json").read_text()) == json.loads(json.dumps([result]))
     assert "dreg-fused" in (tmp_path / "profile.txt").read_text()
