@@ -94,6 +94,10 @@ class DREGHandle:
             kernels = "compiled" if fused else "eager"
         device = next((p.device for p in model.parameters() if not p.is_meta), None)
         self.kernels = resolve_kernels(kernels, device)
+        if self.kernels == "triton":  # fails at attach, not at the first forward
+            from ..ops.triton_functions import check_device
+
+            check_device(device)
         self.fused = self.kernels == "compiled"
         # the frozen LoRA bases' own row statistics, per site: (signature of the bases, statistics); not kept
         # where the weights are sharded (FSDP, ZeRO-3 gather them into storage that other layers reuse)

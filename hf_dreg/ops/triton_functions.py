@@ -34,15 +34,16 @@ logger = logging.get_logger(__name__)
 _announced = False
 
 
-def check_device(t: Tensor) -> None:
-    """Triton runs on CUDA (and ROCm/XPU) tensors, or anywhere under ``TRITON_INTERPRET=1``.
+def check_device(device: torch.device | str | None) -> None:
+    """Triton runs on CUDA (and ROCm/XPU) tensors, or anywhere under ``TRITON_INTERPRET=1``: checked once, at attach.
 
-    The first call of the process says that the kernels are being compiled: triton compiles each kernel
-    on its first launch (seconds, for each activation and dtype) and keeps it in its cache
-    (``~/.triton/cache``), so on a machine that has run them they load at once.
+    The first check of the process also says that the kernels are being compiled: triton compiles each kernel on
+    its first launch (seconds, for each activation and dtype) and keeps it in its cache (``~/.triton/cache``), so on
+    a machine that has run them they load at once.
     """
     global _announced
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "dreg_kernels='triton' runs on a GPU; on a CPU only under TRITON_INTERPRET=1 (slow: for tests). "
             "Use dreg_kernels='auto' (--dreg_kernels auto; hf_dreg.attach(model, kernels='auto')) on a CPU."
@@ -252,11 +253,9 @@ class GatedSite(torch.autograd.Function):
 
 def plain_site(z: Tensor, a: Tensor, weight: Tensor, spec: ActivationSpec, from_weight: bool = True, with_output: bool = True):
     """(a, p) (``with_output``) or p of a plain site: :class:`PlainSite`."""
-    check_device(z)
     return PlainSite.apply(z, a, weight, spec, from_weight, with_output)
 
 
 def gated_site(g: Tensor, a: Tensor | None, u: Tensor, stats: tuple, spec: ActivationSpec, from_weight: bool = True, product: bool = False):
     """p, or (f(g) * u, p) with ``product``, of a gated site: :class:`GatedSite`."""
-    check_device(g)
     return GatedSite.apply(g, a, u, spec, from_weight, product, *stats)

@@ -164,7 +164,7 @@ def test_a_model_under_the_triton_family_equals_eager(family):
 def test_the_triton_family_on_a_cpu_without_the_interpreter_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="dreg_kernels='auto'"):
-        triton_functions.check_device(torch.zeros(1))
+        hf_dreg.attach(tiny_model("bert"), kernels="triton")  # refused at attach, before any forward
 
 
 def test_the_frozen_bases_statistics_follow_an_in_place_change_of_the_weights():
