@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.activations import _GELU_TANH, _SILU, ActivationSpec
+from ..ops.activations import _GELU_TANH, _SILU, ActivationSpec, is_activation_module
 
 # (module, qualified name) of the forward function -> the activation its fused product computes
 FUSED_MLP_FORWARDS: dict[tuple[str, str], ActivationSpec] = {
@@ -61,8 +61,6 @@ def unfused_forward(module: nn.Module, spec: ActivationSpec):
 
 def silent_activation_modules(model: nn.Module, called: set[str]) -> list[str]:
     """Paths of MLP activation modules that the probe never saw run (their MLP's forward bypasses them)."""
-    from ..ops.activations import is_activation_module
-
     out = []
     for name, module in model.named_modules():
         if name and name not in called and is_activation_module(module):

@@ -95,9 +95,10 @@ class DREGHandle:
         device = next((p.device for p in model.parameters() if not p.is_meta), None)
         self.kernels = resolve_kernels(kernels, device)
         if self.kernels == "triton":  # fails at attach, not at the first forward
-            from ..ops.triton_functions import check_device
+            from ..ops import triton_functions  # triton is optional: imported only for this family
 
-            check_device(device)
+            triton_functions.check_device(device)
+            self._triton = triton_functions
         self.fused = self.kernels == "compiled"
         # the frozen LoRA bases' own row statistics, per site: (signature of the bases, statistics); not kept
         # where the weights are sharded (FSDP, ZeRO-3 gather them into storage that other layers reuse)
@@ -184,19 +185,18 @@ class DREGHandle:
         site's penalty from one node of hf_dreg's kernels (the gate's and up's weights read in their hooks)."""
         gate, up, down = modules[site.gate], modules[site.up], modules[site.output]
         spec = self._specs[site.name]
+        act = unfused_activation(spec)
 
         def forward(x):
             g, u = gate(x), up(x)
             pieces = self._pieces[site.name]
             if pieces.w_gate is None or pieces.w_up is None:  # the layers' hooks did not run (a hook-less call): no penalty
-                return down(unfused_activation(spec)(g) * u)
+                return down(act(g) * u)
             if self.kernels == "triton":
-                from ..ops import triton_functions
-
                 stats, dense = self._gated_stats(site, pieces)
-                h, p = triton_functions.gated_site(g, None, u, stats, spec, from_weight=dense, product=True)
+                h, p = self._triton.gated_site(g, None, u, stats, spec, from_weight=dense, product=True)
             else:
-                a = unfused_activation(spec)(g)
+                a = act(g)
                 h = a * u
                 low_rank = isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows)
                 compute = gated_site_penalty_low_rank if low_rank else gated_site_penalty_from_weights
@@ -218,15 +218,13 @@ class DREGHandle:
         bases = [w.base if isinstance(w, LowRankRows) else w for w in (w_gate, w_up) if w is not None]
         if any(b.requires_grad for b in bases):  # a trained base: the general route
             return weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
-        from ..ops import triton_functions
-
         signature = tuple((b.data_ptr(), b._version, b.dtype, tuple(b.shape), b.stride()) for b in bases)
         cached = self._base_stats.get(site.name)
         if cached is not None and cached[0] == signature:
             stats = cached[1]
         else:
             with torch.no_grad():
-                stats = (triton_functions.row_stats(bases[0]),) if w_up is None else triton_functions.gated_row_stats(*bases)
+                stats = (self._triton.row_stats(bases[0]),) if w_up is None else self._triton.gated_row_stats(*bases)
             if self._cache_bases:
                 self._base_stats[site.name] = (signature, stats)
         return low_rank_stats(w_gate, w_up, stats)
@@ -259,16 +257,14 @@ class DREGHandle:
 
     def _fire_triton(self, site, pieces, spec, with_output):
         """One node per site and direction, its passes Triton kernels called directly."""
-        from ..ops import triton_functions
-
         if site.kind == PLAIN:
             w = pieces.w_gate
             dense = not isinstance(w, LowRankRows)
             stats = w if dense else self._low_rank_stats(site, w)
-            out = triton_functions.plain_site(pieces.g, pieces.a, stats, spec, from_weight=dense, with_output=with_output)
+            out = self._triton.plain_site(pieces.g, pieces.a, stats, spec, from_weight=dense, with_output=with_output)
             return out if with_output else (None, out)
         stats, dense = self._gated_stats(site, pieces)
-        return None, triton_functions.gated_site(pieces.g, pieces.a, pieces.u, stats, spec, from_weight=dense)
+        return None, self._triton.gated_site(pieces.g, pieces.a, pieces.u, stats, spec, from_weight=dense)
 
     def _fire_torch(self, site, pieces, spec, with_output):
         """The row statistics and the site's penalty: one compiled region each way (``compiled``), or eager."""

@@ -195,7 +195,7 @@ class LowRankStats(torch.autograd.Function):
             return rg
         ru, c = base_stats[1], base_stats[2]
         if Ug is not None and Uu is not None:  # both factored: the two weights' factors stacked, 5 products each way
-            return LowRankStats._both_forward(ctx, rg, ru, c, base_stats[0], g0, u0, Ug, Uu, dg, du, proj)
+            return LowRankStats._both_forward(ctx, rg, ru, c, g0, u0, Ug, Uu, dg, du, proj)
         if Uu is not None:
             saved["Puu"], saved["UuGuu"] = proj(u0, du), Uu @ (Du @ Du.t())
             ru = ru + 2.0 * _dot_rows(Uu, saved["Puu"]) + _dot_rows(saved["UuGuu"], Uu)
@@ -204,15 +204,12 @@ class LowRankStats(torch.autograd.Function):
         if Ug is not None:
             saved["Pug"] = proj(u0, dg)
             c = c + _dot_rows(Ug, saved["Pug"])
-        if Ug is not None and Uu is not None:
-            saved["UgGgu"] = Ug @ (Dg @ Du.t())
-            c = c + _dot_rows(saved["UgGgu"], Uu)
-        names = ("Pgg", "UgGgg", "Puu", "UuGuu", "Pgu", "Pug", "UgGgu")
+        names = ("Pgg", "UgGgg", "Puu", "UuGuu", "Pgu", "Pug")
         ctx.save_for_backward(g0, u0, Ug, Dg, Uu, Du, *(saved.get(n) for n in names))
         return rg, ru, c
 
     @staticmethod
-    def _both_forward(ctx, rg, ru, c, _, g0, u0, Ug, Uu, dg, du, proj):
+    def _both_forward(ctx, rg, ru, c, g0, u0, Ug, Uu, dg, du, proj):
         """D = [Dg; Du], U = [Ug | Uu]: Pg = G0 D^T = [Pgg | Pgu], Pu = U0 D^T = [Pug | Puu], and the blocks
         of D D^T, as five products (the two weights' own and cross terms in each)."""
         k = Ug.shape[1]
@@ -252,7 +249,7 @@ class LowRankStats(torch.autograd.Function):
             return None, None, grad_ug.to(ctx.dtypes[1]), grad_dg, None, None, None
         if ctx.both:
             return LowRankStats._both_backward(ctx, *grads)
-        g0, u0, Ug, Dg, Uu, Du, Pgg, UgGgg, Puu, UuGuu, Pgu, Pug, UgGgu = ctx.saved_tensors
+        g0, u0, Ug, Dg, Uu, Du, Pgg, UgGgg, Puu, UuGuu, Pgu, Pug = ctx.saved_tensors  # one of the two factored
         grg, gru, gc = (g.unsqueeze(-1) for g in grads)
         grad_ug = grad_dg = grad_uu = grad_du = None
         if has_g:
@@ -263,11 +260,6 @@ class LowRankStats(torch.autograd.Function):
             grad_uu = 2.0 * gru * (Puu + UuGuu) + gc * Pgu
             a, b = 2.0 * gru * Uu, gc * Uu
             grad_du = (a.t().to(u0.dtype) @ u0).to(Du.dtype) + (a.t() @ Uu) @ Du + (b.t().to(g0.dtype) @ g0).to(Du.dtype)
-        if has_g and has_u:
-            grad_ug = grad_ug + gc * (Uu @ (Du @ Dg.t()))
-            grad_uu = grad_uu + gc * UgGgu
-            grad_dg = grad_dg + ((gc * Ug).t() @ Uu) @ Du
-            grad_du = grad_du + ((gc * Uu).t() @ Ug) @ Dg
         grad_ug = None if grad_ug is None else grad_ug.to(ctx.dtypes[1])
         grad_uu = None if grad_uu is None else grad_uu.to(ctx.dtypes[2])
         return None, None, grad_ug, grad_dg, None, grad_uu, grad_du

@@ -9,10 +9,9 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 from tiny_models import tiny_model
-from trainer_helpers import make_args, relative_difference, sgd, update_of
-from transformers import HfArgumentParser
+from trainer_helpers import classification_data, make_args, relative_difference, sgd, tokenizer, update_of
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser
 
 import hf_dreg
 from hf_dreg import DREGConfig, DREGTrainer, DREGTrainingArguments
@@ -63,38 +62,21 @@ def test_attach_fused_is_deprecated_and_kernels_name_the_family():
         assert handle.kernels == "compiled"  # auto on a CPU
 
 
-def _data(n=8):
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        length = 3 + i % 4  # unequal lengths: padding inside the batch
-        rows.append({"input_ids": torch.randint(3, 99, (length,), generator=g).tolist(), "labels": i % 3})
-    return Dataset.from_list(rows)
-
-
-def _collate(rows):
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, : len(r["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"] for r in rows])}
-
-
 @pytest.mark.skipif(not HAS_TRITON or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()),
                     reason="the triton family needs triton, and a GPU or TRITON_INTERPRET=1")  # fmt: skip
 def test_a_trainer_step_is_the_same_under_the_triton_and_eager_families(tmp_path):
-    """The Trainer's update (SGD: -lr * gradient) of a padded batch, DREG strength 1, under each family."""
-    model = tiny_model("gpt2").eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    data = _data()
+    """The Trainer's update (SGD: -lr * gradient) of 8 tokenized texts of unequal length, padded by the Trainer's own
+    collator (DataCollatorWithPadding from processing_class), DREG strength 1, under each family."""
+    tok = tokenizer()
+    data = classification_data(tok)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
 
     def trainer(kernels, strength):
-        args = make_args(tmp_path / kernels, **sgd(per_device_train_batch_size=8), dreg_kernels=kernels, dreg_lambda=strength)
-        return lambda m: DREGTrainer(model=m, args=args, train_dataset=data, data_collator=_collate)
+        args = make_args(tmp_path / f"{kernels}-{strength}", **sgd(per_device_train_batch_size=8), dreg_kernels=kernels, dreg_lambda=strength)
+        return lambda m: DREGTrainer(model=m, args=args, train_dataset=data, processing_class=tok)
 
     eager = update_of(trainer("eager", 1.0), copy.deepcopy(model))
     triton = update_of(trainer("triton", 1.0), copy.deepcopy(model))

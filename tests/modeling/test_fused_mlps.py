@@ -157,27 +157,20 @@ def test_an_mlp_that_never_calls_its_activation_module_gets_an_error_that_says_s
 
 def test_a_trainer_with_use_liger_kernel_trains_with_the_penalty_of_the_unpatched_model(patched, tmp_path):
     """use_liger_kernel=True: the base trainer would patch the model after DREG attached; the DREG trainer patches
-    it first, so Liger's MLPs are the sites, and the run logs what the same run without Liger logs."""
-    from datasets import Dataset
-    from trainer_helpers import make_args, sgd
+    it first, so Liger's MLPs are the sites, and the run logs what the same run without Liger logs. Texts of unequal
+    length, tokenized, batched by the language-modelling collator a user passes."""
+    from trainer_helpers import lm_data, make_args, sgd, tokenizer
 
     from hf_dreg import DREGTrainer
 
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, 99, (4 + i % 3,), generator=g).tolist()} for i in range(8)]
-    data = Dataset.from_list([{**r, "labels": r["input_ids"]} for r in rows])
-
-    def collate(batch):
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, r in enumerate(batch):
-            n = len(r["input_ids"])
-            ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    base, _, _ = patched("gemma2")
+    tok = tokenizer()
+    data = lm_data(tok)
+    collate = tf.DataCollatorForLanguageModeling(tok, mlm=False)
+    config = tf.Gemma2Config(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=8, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    base = tf.Gemma2ForCausalLM(config)  # (the `patched` fixture undoes Liger's class-level patches after the test)
     liger_config = {"rope": False, "rms_norm": False, "cross_entropy": False, "fused_linear_cross_entropy": False, "geglu": True}
     logs = {}
     for name, extra in (("plain", {}), ("liger", {"use_liger_kernel": True, "liger_kernel_config": liger_config})):
