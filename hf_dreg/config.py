@@ -3,8 +3,8 @@
 Usable alone (``with_dreg(SFTTrainer)(..., dreg_config=DREGConfig(dreg_lambda=1e-2))``), parsed
 beside a trainer's arguments (``HfArgumentParser((ScriptArguments, SFTConfig, DREGConfig))``), and
 mixed into :class:`~hf_dreg.DREGTrainingArguments`. The loss is
-``task_loss + reg_lambda * penalty``; with the default ``regularizer="dreg"``, ``reg_lambda`` is
-``dreg_lambda``.
+``task_loss + dreg_lambda * penalty``: ``dreg_lambda`` is the strength of whichever regularizer is chosen
+(``regularizer="dreg"`` by default; for ``weight_decay`` it is the AdamW decay).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from .ops.activations import resolve_families
 from .ops.kernels import KERNEL_FAMILIES
 from .regularizers import REGISTRY, REGULARIZERS
 
-DEFAULT_DREG_LAMBDA = 10**-2.5
 DEFAULT_TARGET_RATIO = 0.1
 AUTO = "auto"
-# documented default strength of each regularizer, from the registry (dreg's is dreg_lambda: one source of truth)
-DEFAULT_REG_LAMBDA = {name: cls.default_strength for name, cls in REGISTRY.items() if name != "dreg"}
+# the documented default strength of each regularizer, from the registry: one source of truth
+DEFAULT_REG_LAMBDA = {name: cls.default_strength for name, cls in REGISTRY.items()}
+DEFAULT_DREG_LAMBDA = DEFAULT_REG_LAMBDA["dreg"]  # 10**-2.5, the seed study's
 CONFIG_NAME = "dreg_config.json"
 
 
@@ -39,22 +39,23 @@ def float_or_auto(text):
 
 @dataclass
 class DREGConfig:
-    """The regularizer of a run and its strength: ``loss = task_loss + reg_lambda * penalty``."""
+    """The regularizer of a run and its strength: ``loss = task_loss + dreg_lambda * penalty``."""
 
     dreg_lambda: float_or_auto = field(
-        default=DEFAULT_DREG_LAMBDA,
+        default=None,
         metadata={
-            "help": "Strength of the DREG penalty (default 10**-2.5 = 0.00316, the seed study's; on the models we "
-            "measured it has no measurable effect, and no strength beat plain training: docs/results.md); 0 turns "
-            "DREG off; 'auto' calibrates it on the first batch so that ||grad lambda*R|| / ||grad task loss|| = "
-            "dreg_target_ratio."
+            "help": "Strength of the regularizer (--regularizer). Default: its own; for dreg 10**-2.5 = 0.00316, the "
+            "seed study's (on the models we measured it has no measurable effect, and no strength beat plain training: "
+            "docs/results.md); weight_decay 0.01 (it is the AdamW decay); spectral_norm, igpen, jacobian 0.01. 0 turns "
+            "the penalty off; 'auto' (every regularizer but none and weight_decay) calibrates it on the first batch so "
+            "that ||grad lambda*R|| / ||grad task loss|| = dreg_target_ratio."
         },
     )
     dreg_target_ratio: float = field(
         default=DEFAULT_TARGET_RATIO,
         metadata={
-            "help": "With --dreg_lambda auto (or --reg_lambda auto for spectral_norm, igpen, jacobian): the gradient "
-            "ratio ||grad lambda*R|| / ||grad task loss|| the strength is calibrated to (default 0.1)."
+            "help": "With --dreg_lambda auto: the gradient ratio ||grad lambda*R|| / ||grad task loss|| the strength "
+            "is calibrated to (default 0.1)."
         },
     )
     dreg_recalibrate_steps: int = field(
@@ -62,7 +63,7 @@ class DREGConfig:
         metadata={
             "help": "With an 'auto' strength: calibrate it again every N optimizer steps (on the first micro-batch of "
             "the step), so that the gradient ratio stays near the target as training goes on; 0 = calibrate once, on "
-            "the first batch. Every calibration is logged as reg_lambda and kept in trainer.reg_lambdas."
+            "the first batch. Every calibration is logged as reg_lambda and kept in trainer.reg_lambdas (step, lambda)."
         },
     )
     dreg_activations: str = field(
@@ -99,11 +100,7 @@ class DREGConfig:
     )
     reg_lambda: float_or_auto = field(
         default=None,
-        metadata={
-            "help": "Strength of the regularizer. Defaults: dreg = dreg_lambda, weight_decay 0.01 (the AdamW decay), "
-            "spectral_norm 0.01, igpen 0.01, jacobian 0.01. 'auto' (spectral_norm, igpen, jacobian) calibrates it "
-            "to dreg_target_ratio as --dreg_lambda auto does for DREG."
-        },
+        metadata={"help": "Deprecated: use --dreg_lambda, the strength of every regularizer."},
     )
     spectral_mode: str = field(
         default="penalty",
@@ -119,45 +116,29 @@ class DREGConfig:
     reg_ratio_interval: int = field(
         default=0,
         metadata={
-            "help": "Every N optimizer steps, log reg_grad_ratio = ||grad reg_lambda*penalty|| / ||grad task loss|| "
+            "help": "Every N optimizer steps, log reg_grad_ratio = ||grad dreg_lambda*penalty|| / ||grad task loss|| "
             "over the trainable parameters, measured on one micro-batch (two extra backward passes of it: about "
             "2/N of a step). 0 = off. Warns when it stays below 1e-2 (no measurable effect) or above 1."
         },
     )
 
-    # not a flag: True once an 'auto' reg_lambda of a comparator has been calibrated (reg_lambda then holds the
-    # number; DREG keeps dreg_lambda='auto' instead). Set by set_calibrated and from_pretrained only.
-    reg_lambda_was_auto: bool = field(default=False, init=False, repr=False)
+    # not a flag: the value an 'auto' dreg_lambda was calibrated to (None until then); set by set_calibrated only
+    calibrated_lambda: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.check_dreg_settings()
 
     def check_dreg_settings(self) -> None:
-        """Validate the settings and resolve ``reg_lambda`` (fails early, naming the flag and the fix)."""
+        """Validate the settings and resolve ``dreg_lambda`` (fails early, naming the flag and the fix)."""
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"Unknown regularizer {self.regularizer!r}: choose one of {', '.join(REGULARIZERS)}.")
-        if isinstance(self.dreg_lambda, str):
-            self.dreg_lambda = float_or_auto(self.dreg_lambda)
-        if self.dreg_lambda != AUTO:
-            _check_strength("dreg_lambda", self.dreg_lambda)
+        self._resolve_strength()
         if not (isinstance(self.dreg_target_ratio, (int, float)) and math.isfinite(self.dreg_target_ratio) and self.dreg_target_ratio > 0):
             raise ValueError(f"dreg_target_ratio must be a finite number > 0, got {self.dreg_target_ratio!r}.")
         if self.reg_ratio_interval < 0:
             raise ValueError(f"reg_ratio_interval must be >= 0 (0 = off), got {self.reg_ratio_interval}.")
         if self.dreg_recalibrate_steps < 0:
             raise ValueError(f"dreg_recalibrate_steps must be >= 0 (0 = calibrate once), got {self.dreg_recalibrate_steps}.")
-        if isinstance(self.reg_lambda, str):
-            self.reg_lambda = float_or_auto(self.reg_lambda)
-        if self.reg_lambda is not None and self.reg_lambda != AUTO:
-            _check_strength("reg_lambda", self.reg_lambda, DEFAULT_REG_LAMBDA.get(self.regularizer), self.regularizer)
-        if self.regularizer != "dreg" and self.dreg_lambda != DEFAULT_DREG_LAMBDA:
-            warnings.warn(
-                f"dreg_lambda={self.dreg_lambda} does not apply to regularizer={self.regularizer!r}: its strength is "
-                f"reg_lambda (default {DEFAULT_REG_LAMBDA.get(self.regularizer)}). Set reg_lambda instead.",
-                UserWarning,
-                stacklevel=3,
-            )
-        self._resolve_strength()
         self._resolve_kernels()
         resolve_families(self.dreg_activation_list)  # fails early with the list of valid choices
         if self.jacobian_n_proj < 1 or self.spectral_power_iterations < 1:
@@ -178,40 +159,50 @@ class DREGConfig:
         self.dreg_kernels, self.dreg_fused = fused_as, None
 
     def _resolve_strength(self) -> None:
-        """One source of truth: reg_lambda is dreg_lambda for DREG."""
-        if self.regularizer == "dreg":
-            if self.dreg_lambda == AUTO:
-                if self.reg_lambda is not None and self.reg_lambda != AUTO:
-                    raise ValueError("dreg_lambda='auto' calibrates the strength: do not pass reg_lambda as well.")
-                self.reg_lambda = AUTO  # replaced by the calibrated value on the first batch
-                return
-            if self.reg_lambda is not None and self.reg_lambda != self.dreg_lambda:
-                if self.dreg_lambda != DEFAULT_DREG_LAMBDA:
-                    raise ValueError(
-                        f"reg_lambda={self.reg_lambda} and dreg_lambda={self.dreg_lambda} disagree; for "
-                        "regularizer='dreg' they are the same strength: pass only one."
-                    )
-                self.dreg_lambda = self.reg_lambda
-            self.reg_lambda = self.dreg_lambda
+        """dreg_lambda: a number >= 0, 'auto', or None for the regularizer's default (the deprecated reg_lambda moved in)."""
+        if self.reg_lambda is not None:
+            alias = float_or_auto(self.reg_lambda) if isinstance(self.reg_lambda, str) else self.reg_lambda
+            if self.dreg_lambda is not None and self.dreg_lambda != alias:
+                raise ValueError(
+                    f"reg_lambda={alias} (deprecated) and dreg_lambda={self.dreg_lambda} disagree: pass only dreg_lambda, "
+                    "the strength of every regularizer."
+                )
+            warnings.warn(
+                f"reg_lambda is deprecated: dreg_lambda is the strength of every regularizer (dreg_lambda={alias!r}, "
+                f"--dreg_lambda {alias}).",
+                FutureWarning,
+                stacklevel=5,
+            )
+            self.dreg_lambda, self.reg_lambda = alias, None
+        if self.dreg_lambda is None:
+            self.dreg_lambda = DEFAULT_REG_LAMBDA[self.regularizer]
+        if isinstance(self.dreg_lambda, str):
+            self.dreg_lambda = float_or_auto(self.dreg_lambda)
+        if self.dreg_lambda == AUTO:
+            if self.regularizer in ("none", "weight_decay"):
+                raise ValueError(
+                    f"dreg_lambda='auto' calibrates a penalty's gradient against the task loss's; regularizer="
+                    f"{self.regularizer!r} adds no penalty to the loss: give its strength as a number."
+                )
             return
-        if self.reg_lambda is None:
-            self.reg_lambda = DEFAULT_REG_LAMBDA[self.regularizer]
-        if self.reg_lambda == AUTO and self.regularizer in ("none", "weight_decay"):
+        value = self.dreg_lambda
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(
-                f"reg_lambda='auto' calibrates a penalty's gradient against the task loss's; regularizer="
-                f"{self.regularizer!r} adds no penalty to the loss: give its strength as a number."
+                f"dreg_lambda must be a finite number >= 0 (0 turns the penalty off) or 'auto', got {value!r}. The "
+                f"{self.regularizer} default is {DEFAULT_REG_LAMBDA[self.regularizer]:.6g}"
+                f"{' = 10**-2.5' if self.regularizer == 'dreg' else ''}."
             )
 
     def resolve_weight_decay(self, weight_decay: float) -> float:
-        """The optimizer's weight decay under this config (regularizer='weight_decay' sets it to reg_lambda)."""
+        """The optimizer's weight decay under this config (regularizer='weight_decay' sets it to dreg_lambda)."""
         if self.regularizer != "weight_decay":
             return weight_decay
-        if weight_decay not in (0.0, self.reg_lambda):
+        if weight_decay not in (0.0, self.dreg_lambda):
             raise ValueError(
-                f"weight_decay={weight_decay} and reg_lambda={self.reg_lambda} disagree; for "
-                "regularizer='weight_decay' reg_lambda is the AdamW decay: pass only reg_lambda."
+                f"weight_decay={weight_decay} and dreg_lambda={self.dreg_lambda} disagree; for "
+                "regularizer='weight_decay' dreg_lambda is the AdamW decay: pass only dreg_lambda."
             )
-        return self.reg_lambda
+        return self.dreg_lambda
 
     @property
     def dreg_activation_list(self):
@@ -220,31 +211,32 @@ class DREGConfig:
 
     @property
     def auto_strength(self) -> bool:
-        """Whether the strength is calibrated to ``dreg_target_ratio`` (``--dreg_lambda auto`` / ``--reg_lambda auto``)."""
-        if self.regularizer == "dreg":
-            return self.dreg_lambda == AUTO
-        return self.reg_lambda == AUTO or self.reg_lambda_was_auto
+        """Whether the strength is calibrated to ``dreg_target_ratio`` (``--dreg_lambda auto``)."""
+        return self.dreg_lambda == AUTO
 
     @property
     def calibrates(self) -> bool:
         """True while an 'auto' strength has not yet been calibrated."""
-        return self.reg_lambda == AUTO and self.regularizer != "none"
+        return self.auto_strength and self.calibrated_lambda is None
+
+    @property
+    def strength(self) -> float | None:
+        """The lambda in use: ``dreg_lambda``, or under 'auto' its last calibration (None before the first)."""
+        return self.calibrated_lambda if self.auto_strength else self.dreg_lambda
 
     def set_calibrated(self, strength: float) -> None:
-        """Replace the 'auto' strength (or the last calibration) by ``strength``."""
-        if self.regularizer != "dreg" and self.reg_lambda == AUTO:
-            self.reg_lambda_was_auto = True  # remembered: reg_lambda now holds the number
-        self.reg_lambda = strength
+        """Record the calibration of the 'auto' strength (replacing the last one)."""
+        if not self.auto_strength:
+            raise ValueError(f"set_calibrated: dreg_lambda={self.dreg_lambda!r} is not 'auto'.")
+        self.calibrated_lambda = float(strength)
 
     def dreg_config_dict(self) -> dict:
         """The settings that define a run's penalty (saved beside every checkpoint)."""
-        config = {"regularizer": self.regularizer, "reg_lambda": self.reg_lambda}
+        config = {"regularizer": self.regularizer, "dreg_lambda": self.dreg_lambda}
         if self.regularizer in ("dreg", "spectral_norm"):
             config.update(dreg_activations=self.dreg_activations, dreg_exclude_modules=self.dreg_exclude_modules)
-        if self.regularizer == "dreg":
-            config["dreg_lambda"] = self.dreg_lambda
         if self.auto_strength:
-            config["reg_lambda_auto"] = True
+            config["calibrated_lambda"] = self.calibrated_lambda
             config["dreg_target_ratio"] = self.dreg_target_ratio
             if self.dreg_recalibrate_steps:
                 config["dreg_recalibrate_steps"] = self.dreg_recalibrate_steps
@@ -261,7 +253,7 @@ class DREGConfig:
         return [f.name for f in dataclasses.fields(DREGConfig) if f.init]
 
     def dreg_dict(self) -> dict:
-        """Every DREGConfig field (``reg_lambda`` as resolved, or calibrated)."""
+        """Every DREGConfig field (``dreg_lambda`` as resolved: a number or 'auto')."""
         return {name: getattr(self, name) for name in DREGConfig.field_names()}
 
     def save_pretrained(self, folder: str) -> None:
@@ -269,7 +261,7 @@ class DREGConfig:
         import os
 
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump({**self.dreg_dict(), "reg_lambda_auto": self.auto_strength, "penalty": self.dreg_config_dict()}, f, indent=2)
+            json.dump({**self.dreg_dict(), "calibrated_lambda": self.calibrated_lambda, "penalty": self.dreg_config_dict()}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "DREGConfig":
@@ -278,20 +270,15 @@ class DREGConfig:
 
         with open(os.path.join(folder, CONFIG_NAME)) as f:
             saved = json.load(f)
-        values = {k: v for k, v in saved.items() if k in cls.field_names()}
-        reg_lambda = values.pop("reg_lambda", None)
-        auto = saved.get("reg_lambda_auto", reg_lambda == AUTO)
-        config = cls(**values, reg_lambda=None if auto or values.get("regularizer", "dreg") == "dreg" else reg_lambda)
-        if reg_lambda is not None:
-            config.reg_lambda = reg_lambda
-        config.reg_lambda_was_auto = bool(auto) and config.regularizer != "dreg"
+        values = {k: v for k, v in saved.items() if k in cls.field_names() and k not in ("reg_lambda", "dreg_fused")}
+        calibrated = saved.get("calibrated_lambda")
+        if "reg_lambda_auto" in saved:  # written before dreg_lambda became the one strength: reg_lambda held the number
+            strength, auto = saved.get("reg_lambda"), saved["reg_lambda_auto"]
+            if values.get("regularizer", "dreg") != "dreg":
+                values["dreg_lambda"] = AUTO if auto else strength
+            if auto and strength != AUTO:
+                calibrated = strength
+        config = cls(**values)
+        if calibrated is not None and config.auto_strength:
+            config.set_calibrated(calibrated)
         return config
-
-
-def _check_strength(name: str, value, default: float | None = None, regularizer: str = "dreg") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        if regularizer == "dreg" or default is None:
-            hint = f"The DREG default is 10**-2.5 = {DEFAULT_DREG_LAMBDA:.6g}."
-        else:
-            hint = f"The {regularizer} default is {default}."
-        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value!r}. {hint}")

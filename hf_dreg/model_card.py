@@ -39,9 +39,10 @@ def dreg_card_section(trainer) -> str:
     args = trainer.dreg_config
     lines = ["", DREG_HEADING, ""]
     lines.append(f"- regularizer: `{args.regularizer}`")
-    strength = f"{args.reg_lambda:.6g}" if isinstance(args.reg_lambda, float) else str(args.reg_lambda)
-    lines.append(f"- strength (reg_lambda): `{strength}`")
-    if getattr(args, "dreg_lambda", None) == "auto" and args.regularizer == "dreg":
+    used = args.strength
+    strength = f"{used:.6g}" if isinstance(used, (int, float)) else "auto (not calibrated)"
+    lines.append(f"- strength (dreg_lambda): `{strength}`")
+    if args.auto_strength:
         lines.append(f"- calibrated with --dreg_lambda auto to a gradient ratio of `{args.dreg_target_ratio}`")
     for key, value in trainer.regularizer.describe().items():
         if key != "layers":

@@ -19,7 +19,7 @@ at lambda = 1). A pretrained model of MiniLM's kind needs only [1e-3, 10]:
 trials there.
 
 Other regularizers (optional): ``DREGSearchSpace(regularizers=["dreg", "weight_decay", "spectral_norm"])``
-also searches which regularizer, each with its own log-uniform ``reg_lambda`` range
+also searches which regularizer, each with its own log-uniform range of ``dreg_lambda``
 (:data:`REG_LAMBDA_RANGES`); every DREG trainer rebuilds the regularizer of each trial.
 """
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from .config import REGULARIZERS
 
 LAMBDA_RANGE = (1e-3, 1e3)
-# log-uniform ranges of reg_lambda for the other regularizers (their defaults, 0.01, in the middle)
+# log-uniform ranges of dreg_lambda for the other regularizers (their defaults, 0.01, in the middle)
 REG_LAMBDA_RANGES = {
     "weight_decay": (1e-4, 0.3),
     "spectral_norm": (1e-4, 1.0),
@@ -74,8 +74,8 @@ class DREGSearchSpace:
         for name in self.regularizers:
             if name not in ("dreg", "none"):
                 if name not in self.reg_lambda_ranges:
-                    raise ValueError(f"DREGSearchSpace: no reg_lambda range for {name!r} in reg_lambda_ranges.")
-                _check_range(f"{name} reg_lambda", *self.reg_lambda_ranges[name])
+                    raise ValueError(f"DREGSearchSpace: no dreg_lambda range for {name!r} in reg_lambda_ranges.")
+                _check_range(f"{name} dreg_lambda", *self.reg_lambda_ranges[name])
 
     @property
     def searches_regularizer(self) -> bool:
@@ -94,14 +94,14 @@ class DREGSearchSpace:
             params["dreg_lambda"] = trial.suggest_float("dreg_lambda", self.lambda_min, self.lambda_max, log=True)
         elif name != "none":
             low, high = self.reg_lambda_ranges[name]
-            params["reg_lambda"] = trial.suggest_float(f"{name}_lambda", low, high, log=True)
+            params["dreg_lambda"] = trial.suggest_float(f"{name}_lambda", low, high, log=True)
         return params
 
     # ---- Ray Tune -----------------------------------------------------------------------------------
 
     def ray(self) -> dict:
         """The Ray Tune ``config``: ``dreg_lambda`` log-uniform; with several regularizers, ``regularizer`` a
-        choice and ``reg_lambda`` drawn from that regularizer's range (``dreg_lambda`` itself for dreg)."""
+        choice and ``dreg_lambda`` drawn from that regularizer's range."""
         from ray import tune
 
         if not self.searches_regularizer:
@@ -110,26 +110,19 @@ class DREGSearchSpace:
                 return {"regularizer": "dreg", "dreg_lambda": tune.loguniform(self.lambda_min, self.lambda_max)}
             if name == "none":
                 return {"regularizer": "none"}
-            return {"regularizer": name, "reg_lambda": tune.loguniform(*self.reg_lambda_ranges[name])}
-        ranges = dict(self.reg_lambda_ranges)
-        low, high = (self.lambda_min, self.lambda_max) if "dreg" in self.regularizers else (1e-3, 1.0)
+            return {"regularizer": name, "dreg_lambda": tune.loguniform(*self.reg_lambda_ranges[name])}
+        ranges = {**self.reg_lambda_ranges, "dreg": (self.lambda_min, self.lambda_max)}
 
-        def reg_lambda(spec):
+        def dreg_lambda(spec):
             import numpy as np
 
             name = spec.config.regularizer
-            if name == "dreg":
-                return spec.config.dreg_lambda
             if name == "none":
                 return 0.0
             lo, hi = ranges[name]
             return float(math.exp(np.random.uniform(math.log(lo), math.log(hi))))
 
-        return {
-            "regularizer": tune.choice(list(self.regularizers)),
-            "dreg_lambda": tune.loguniform(low, high),
-            "reg_lambda": tune.sample_from(reg_lambda),
-        }
+        return {"regularizer": tune.choice(list(self.regularizers)), "dreg_lambda": tune.sample_from(dreg_lambda)}
 
     # ---- back to settings ---------------------------------------------------------------------------
 
@@ -140,8 +133,8 @@ class DREGSearchSpace:
             return {"regularizer": "dreg", "dreg_lambda": float(hyperparameters["dreg_lambda"])}
         if name == "none":
             return {"regularizer": "none"}
-        value = hyperparameters.get(f"{name}_lambda", hyperparameters.get("reg_lambda"))
-        return {"regularizer": name, "reg_lambda": float(value)}
+        value = hyperparameters.get(f"{name}_lambda", hyperparameters.get("dreg_lambda"))
+        return {"regularizer": name, "dreg_lambda": float(value)}
 
 
 def default_hp_space_optuna(trial) -> dict:

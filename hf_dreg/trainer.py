@@ -1,7 +1,7 @@
 """DREG in any transformers Trainer: ``with_dreg(cls)`` and ``DREGTrainer``.
 
 ``with_dreg(SFTTrainer)`` (or ``Seq2SeqTrainer``, ``Trainer``, any subclass) is a subclass of the
-given trainer that takes ``dreg_config=DREGConfig(...)`` and adds ``reg_lambda * penalty`` to the
+given trainer that takes ``dreg_config=DREGConfig(...)`` and adds ``dreg_lambda * penalty`` to the
 loss its base class computes. ``DREGTrainer`` is ``with_dreg(Trainer)`` reading the settings from
 ``DREGTrainingArguments``.
 
@@ -200,7 +200,7 @@ class DREGTrainerMixin:
         return model
 
     def _hp_search_setup(self, trial):
-        """Hyperparameter search over DREGConfig fields (``dreg_lambda``, ``regularizer``, ``reg_lambda``...)."""
+        """Hyperparameter search over DREGConfig fields (``dreg_lambda``, ``regularizer``...)."""
         super()._hp_search_setup(trial)
         if trial is None or self.hp_search_backend is None:
             return
@@ -210,12 +210,11 @@ class DREGTrainerMixin:
         if not chosen:
             return
         values = {**self.dreg_config.dreg_dict(), **chosen}
-        if "reg_lambda" not in chosen:
-            values["reg_lambda"] = None  # re-resolved from the chosen dreg_lambda / regularizer
-        if values.get("dreg_lambda") == AUTO or values.get("reg_lambda") == AUTO:
-            values["reg_lambda"] = None
+        if "dreg_lambda" not in chosen and values["regularizer"] != self.dreg_config.regularizer:
+            values["dreg_lambda"] = None  # the chosen regularizer's default, not the last one's strength
         for key, value in values.items():
             setattr(self.dreg_config, key, value)
+        self.dreg_config.calibrated_lambda = None  # an 'auto' trial calibrates its own
         self.dreg_config.check_dreg_settings()
         self.args.weight_decay = self._base_weight_decay  # not the decay a previous weight_decay trial set
         self._apply_dreg_to_args(self.args)
@@ -315,7 +314,7 @@ class DREGTrainerMixin:
                 self._measure_ratio(model, loss, term)
             # logged per step: a loss normalised over the whole step is one micro-batch's part of it
             self._record("train", "task_loss", loss.detach() * steps if scaled else loss.detach())
-            loss = loss + self.dreg_config.reg_lambda * term
+            loss = loss + self.dreg_config.strength * term
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
@@ -363,7 +362,7 @@ class DREGTrainerMixin:
         if not float(term_norm) > 0:
             if first:
                 raise ValueError(
-                    "'auto' strength: the penalty has no gradient on the first batch; set dreg_lambda (reg_lambda) explicitly."
+                    "'auto' strength: the penalty has no gradient on the first batch; set dreg_lambda to a number."
                 )
             return  # keep the last calibration
         target = self.dreg_config.dreg_target_ratio
@@ -390,7 +389,7 @@ class DREGTrainerMixin:
     def _measure_ratio(self, model, loss, term) -> None:
         self._last_measured_step = self.state.global_step
         task_norm, term_norm = self._gradient_norms(model, loss, term)
-        strength = float(self.dreg_config.reg_lambda)
+        strength = float(self.dreg_config.strength)
         ratio = strength * float(term_norm) / max(float(task_norm), 1e-30)
         self._record("train", "reg_grad_ratio", torch.tensor(ratio))
         self.reg_grad_ratios.append((self.state.global_step, ratio))
@@ -399,13 +398,13 @@ class DREGTrainerMixin:
         if len(recent) == 3 and max(recent) < 1e-2 and "low" not in self._warned:
             self._warned.add("low")
             logger.warning(
-                f"{name} has no measurable effect at reg_lambda={strength:.4g}: its gradient is {ratio:.2e} of the "
+                f"{name} has no measurable effect at dreg_lambda={strength:.4g}: its gradient is {ratio:.2e} of the "
                 "task loss's. Raise the strength (or use --dreg_lambda auto)."
             )
         if len(recent) == 3 and min(recent) > 1 and "high" not in self._warned:
             self._warned.add("high")
             logger.warning(
-                f"{name} dominates training at reg_lambda={strength:.4g}: its gradient is {ratio:.2f}x the task "
+                f"{name} dominates training at dreg_lambda={strength:.4g}: its gradient is {ratio:.2f}x the task "
                 "loss's. Lower the strength (or use --dreg_lambda auto)."
             )
 
@@ -469,12 +468,12 @@ class DREGTrainerMixin:
             return
         saved = DREGConfig.from_pretrained(checkpoint)
         config = self.dreg_config
-        if config.auto_strength and saved.auto_strength and saved.reg_lambda != AUTO and config.regularizer == saved.regularizer:
-            config.set_calibrated(saved.reg_lambda)  # keep the strength calibrated so far
+        if config.auto_strength and saved.calibrated_lambda is not None and config.regularizer == saved.regularizer:
+            config.set_calibrated(saved.calibrated_lambda)  # keep the strength calibrated so far
         if saved.dreg_config_dict() != config.dreg_config_dict():
             logger.warning(
                 f"Resuming from {checkpoint} with regularizer settings {config.dreg_config_dict()}, but it was trained "
-                f"with {saved.dreg_config_dict()}. Pass the same --regularizer/--reg_lambda/--dreg_* flags to continue "
+                f"with {saved.dreg_config_dict()}. Pass the same --regularizer/--dreg_* flags to continue "
                 "the same run."
             )
 
@@ -500,7 +499,7 @@ def with_dreg(trainer_cls: type) -> type:
 
 
 class DREGTrainer(DREGTrainerMixin, Trainer):
-    """The transformers Trainer with ``reg_lambda * penalty`` added to the loss (``with_dreg(Trainer)``).
+    """The transformers Trainer with ``dreg_lambda * penalty`` added to the loss (``with_dreg(Trainer)``).
 
     Reads the DREG settings from ``DREGTrainingArguments`` (or ``dreg_config=``). The penalty is logged
     under the regularizer's name (``dreg``, ``spectral_norm``, ``igpen``, ``jacobian``;

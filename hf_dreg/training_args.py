@@ -19,10 +19,10 @@ from .config import (  # noqa: F401  (re-exported: the names scripts and tests i
 
 @dataclass
 class DREGTrainingArguments(DREGConfig, TrainingArguments):
-    """TrainingArguments with the study's regularizers: ``loss = task_loss + reg_lambda * penalty``.
+    """TrainingArguments with the study's regularizers: ``loss = task_loss + dreg_lambda * penalty``.
 
-    Every field of :class:`~hf_dreg.DREGConfig` is a flag here; with the default
-    ``regularizer="dreg"``, ``reg_lambda`` is ``dreg_lambda``.
+    Every field of :class:`~hf_dreg.DREGConfig` is a flag here; ``dreg_lambda`` is the strength of
+    whichever ``regularizer`` is chosen.
     """
 
     def __post_init__(self):

@@ -32,13 +32,13 @@ CORES = 2
 REGULARIZER_AXIS = [
     ("none", "none", {"regularizer": "none"}, False),
     ("weight_decay", "weight_decay", {"regularizer": "weight_decay"}, False),
-    ("weight_decay_0.1", "weight_decay", {"regularizer": "weight_decay", "reg_lambda": 0.1}, False),
+    ("weight_decay_0.1", "weight_decay", {"regularizer": "weight_decay", "dreg_lambda": 0.1}, False),
     ("spectral_norm", "spectral_norm", {"regularizer": "spectral_norm"}, False),
-    ("spectral_norm_auto_r0.1", "spectral_norm", {"regularizer": "spectral_norm", "reg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
+    ("spectral_norm_auto_r0.1", "spectral_norm", {"regularizer": "spectral_norm", "dreg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
     ("igpen", "igpen", {"regularizer": "igpen"}, False),
-    ("igpen_auto_r0.1", "igpen", {"regularizer": "igpen", "reg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
+    ("igpen_auto_r0.1", "igpen", {"regularizer": "igpen", "dreg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
     ("jacobian", "jacobian", {"regularizer": "jacobian"}, False),
-    ("jacobian_auto_r0.1", "jacobian", {"regularizer": "jacobian", "reg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
+    ("jacobian_auto_r0.1", "jacobian", {"regularizer": "jacobian", "dreg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
     ("dreg", "dreg", {"regularizer": "dreg", "dreg_lambda": SEED_LAMBDA}, False),
     ("dreg_auto_r0.01", "dreg", {"regularizer": "dreg", "dreg_lambda": "auto", "dreg_target_ratio": 0.01}, True),
     ("dreg_auto_r0.1", "dreg", {"regularizer": "dreg", "dreg_lambda": "auto", "dreg_target_ratio": 0.1}, True),
@@ -180,8 +180,7 @@ def competent_config(config: SelectionConfig, chosen: dict, estimate: dict, fact
             "per_device_train_batch_size": config.base.get("per_device_train_batch_size", 32),
             "per_device_eval_batch_size": 256,
             "use_cpu": True,
-            "dreg_activations": "all",
-            "dreg_lambda": SEED_LAMBDA,
+            "dreg_activations": "all",  # no base dreg_lambda: each regularizer's default unless its entry sets one
         },
         "grid": {
             "seed": SEEDS,

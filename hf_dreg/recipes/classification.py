@@ -156,7 +156,7 @@ def run_classification(
         "reg_lambdas": [[step, value] for step, value in trainer.reg_lambdas],  # every 'auto' calibration
         "regularizer": {
             "name": training_args.regularizer,
-            "reg_lambda": training_args.reg_lambda,  # the calibrated value under --dreg_lambda auto
+            "reg_lambda": training_args.strength,  # the lambda used: the calibrated value under --dreg_lambda auto
             "dreg_lambda": training_args.dreg_lambda,
             **trainer.regularizer.describe(),
         },

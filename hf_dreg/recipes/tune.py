@@ -151,10 +151,8 @@ def derive_args(args: DREGTrainingArguments, settings: dict | None = None, **cha
     values = dict(changes)
     if settings is not None:
         values.update(settings)
-        values.setdefault("reg_lambda", None)
+        values.setdefault("dreg_lambda", None)  # none: its own default
         values["weight_decay"] = 0.0 if settings["regularizer"] == "weight_decay" else base_weight_decay
-    elif args.regularizer == "dreg":
-        values.setdefault("reg_lambda", None)  # re-resolved from dreg_lambda ('auto' stays 'auto')
     return dataclasses.replace(args, **values)
 
 
@@ -209,8 +207,8 @@ def _trial_record(trial) -> dict:
 
 
 def _strength(params: dict) -> float:
-    """The trial's strength (dreg_lambda or reg_lambda; 0 for none), for breaking ties toward the weaker one."""
-    for key in ("dreg_lambda", "reg_lambda"):
+    """The trial's strength (its dreg_lambda; 0 for none), for breaking ties toward the weaker one."""
+    for key in ("dreg_lambda", f"{params.get('regularizer')}_lambda"):
         value = params.get(key)
         if isinstance(value, (int, float)):
             return float(value)
@@ -400,7 +398,7 @@ def fingerprint(model_args: ModelArguments, data_args: DataArguments, training_a
     import hashlib
 
     training = {k: v for k, v in training_args.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
-    for key in ("regularizer", "dreg_lambda", "reg_lambda"):  # set by the search and by each final run
+    for key in ("regularizer", "dreg_lambda", "reg_lambda"):  # set by the search and by each final run (reg_lambda: deprecated, None)
         training.pop(key, None)
     blob = json.dumps([dataclasses.asdict(model_args), dataclasses.asdict(data_args), training], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -472,7 +470,7 @@ def retrain(
                 "setting": name,
                 "seed": seed,
                 "settings": settings[name],
-                "reg_lambda": args.reg_lambda,
+                "reg_lambda": args.strength,  # the lambda used (calibrated under 'auto')
                 "weight_decay": args.weight_decay,
                 "metrics": metrics,
                 "train_metrics": train_metrics,
@@ -501,7 +499,7 @@ def _describe(settings: dict) -> str:
         return f"dreg, dreg_lambda={settings['dreg_lambda']:.4g}"
     if settings["regularizer"] == "none":
         return "none"
-    return f"{settings['regularizer']}, reg_lambda={settings['reg_lambda']:.4g}"
+    return f"{settings['regularizer']}, dreg_lambda={settings['dreg_lambda']:.4g}"
 
 
 def write_report(results: dict, folder: str | Path) -> Path:

@@ -32,7 +32,7 @@ def build_regularizer(model, config, seed: int = 0) -> Regularizer:
     name = config.regularizer
     if name not in REGISTRY:
         raise ValueError(f"Unknown regularizer {name!r}: choose one of {', '.join(REGISTRY)}.")
-    if name == "none" or (name != "weight_decay" and config.reg_lambda == 0):
+    if name == "none" or (name != "weight_decay" and config.dreg_lambda == 0):
         return NoRegularizer()
     return REGISTRY[name].build(model, config, seed=seed)
 

@@ -46,7 +46,7 @@ class Regularizer:
     """Computes the task loss (through ``task_loss``) and its own penalty for one micro-batch."""
 
     name = "none"
-    default_strength = 0.0  # the documented reg_lambda when none is given (DREG's is DREGConfig.dreg_lambda)
+    default_strength = 0.0  # the documented dreg_lambda when none is given
     needs_outputs = False  # whether compute() reads the model outputs (logits) of the task loss
 
     @classmethod

@@ -17,6 +17,7 @@ class DREG(Regularizer):
     are on the model only between ``activate`` and ``deactivate`` (the trainer's train/evaluate/predict)."""
 
     name = "dreg"
+    default_strength = 10**-2.5  # the seed study's fixed strength
 
     def __init__(self, model, config):
         self.sites = find_sites(model, activations=config.dreg_activation_list, exclude_modules=config.dreg_exclude_modules)
@@ -25,7 +26,7 @@ class DREG(Regularizer):
         self.handle: DREGHandle | None = None
         self.last_values: dict = {}
         self._warned_missing = False
-        logger.info(f"DREG sites (lambda={config.reg_lambda}): {len(self.sites)}")
+        logger.info(f"DREG sites (lambda={config.dreg_lambda}): {len(self.sites)}")
 
     def activate(self, model):
         self.deactivate()

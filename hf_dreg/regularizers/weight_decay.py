@@ -1,4 +1,4 @@
-"""Decoupled weight decay, applied by the Trainer's own AdamW (its weight_decay = reg_lambda).
+"""Decoupled weight decay, applied by the Trainer's own AdamW (its weight_decay = dreg_lambda).
 
 Nothing is added to the loss; the squared norm of the decayed parameters is logged as ``weight_decay``.
 """
@@ -15,7 +15,7 @@ class WeightDecay(Regularizer):
     default_strength = 0.01  # the AdamW decay
 
     def __init__(self, model, config):
-        self.strength = config.reg_lambda
+        self.strength = config.dreg_lambda
         self.decayed = None
 
     def compute(self, model, inputs, task_loss, step):

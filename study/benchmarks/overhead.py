@@ -20,10 +20,10 @@ Shapes (random init from a config, nothing downloaded):
 
 A training step is forward + backward + AdamW step (dropout on). Every regularizer gets its own copy of
 the plain model (identical weights, and identical LoRA weights) and is built exactly as the trainers build
-it (``build_regularizer`` with ``DREGTrainingArguments(regularizer=..., reg_lambda=...)``, then
+it (``build_regularizer`` with ``DREGTrainingArguments(regularizer=..., dreg_lambda=...)``, then
 ``activate``: DREG's hooks, with the fused kernels), so its cost includes what it does to the model:
 igpen and jacobian switch attention to eager, which has a double backward. The loss is
-``task_loss + reg_lambda * penalty``; weight decay is AdamW's decoupled decay on the matrix weights, as
+``task_loss + dreg_lambda * penalty``; weight decay is AdamW's decoupled decay on the matrix weights, as
 in the Trainer. ``none`` is a second plain model: its ratio is the noise floor.
 
 Timing: every round runs one step of each model, in an order rotated from round to round (so no model
@@ -232,7 +232,7 @@ def build_contender(name: str, model, tmp: str, seed: int = 0) -> Contender:
     )  # fmt: skip
     regularizer = build_regularizer(model, args)
     regularizer.activate(model)
-    return Contender(name, model, regularizer, args.reg_lambda, args.weight_decay)
+    return Contender(name, model, regularizer, args.strength, args.weight_decay)
 
 
 def cast_weights(model, dtype: torch.dtype) -> None:

@@ -84,7 +84,7 @@ def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:
             regularizer.activate(model)
             overhead.cast_weights(model, dtype)
             kind = PartsContender if name == "dreg-parts" else overhead.Contender
-            contenders[name] = kind(name, model, regularizer, args.reg_lambda, args.weight_decay)
+            contenders[name] = kind(name, model, regularizer, args.strength, args.weight_decay)
     del template
     return contenders
 

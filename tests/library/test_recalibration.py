@@ -60,7 +60,7 @@ def test_recalibration_holds_the_ratio_at_every_calibrated_step(tmp_path, tok):
     assert len(set(lambdas)) == 3  # each calibration found its own strength
     logged = [e["reg_lambda"] for e in trainer.state.log_history if "reg_lambda" in e]
     assert logged == pytest.approx(lambdas, rel=2e-5)
-    assert trainer.dreg_config.reg_lambda == lambdas[-1]
+    assert trainer.dreg_config.strength == lambdas[-1] and trainer.dreg_config.dreg_lambda == "auto"
 
 
 def test_without_recalibration_the_strength_is_calibrated_once(tmp_path, tok):
@@ -73,7 +73,7 @@ def test_without_recalibration_the_strength_is_calibrated_once(tmp_path, tok):
 def test_auto_strength_for_a_comparator(tmp_path, tok):
     data = classification_data(tok)
     model = tiny_text_model("bert", tok.vocab_size)
-    args = make_args(tmp_path, per_device_train_batch_size=4, max_steps=2, regularizer="spectral_norm", reg_lambda="auto",
+    args = make_args(tmp_path, per_device_train_batch_size=4, max_steps=2, regularizer="spectral_norm", dreg_lambda="auto",
                      dreg_target_ratio=0.1)  # fmt: skip
     trainer = DREGTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     assert trainer.dreg_config.auto_strength and trainer.dreg_config.calibrates
@@ -81,16 +81,16 @@ def test_auto_strength_for_a_comparator(tmp_path, tok):
     assert len(trainer.reg_lambdas) == 1 and trainer.reg_lambdas[0][1] > 0
     assert trainer.dreg_config.auto_strength and not trainer.dreg_config.calibrates
     saved = trainer.dreg_config.dreg_config_dict()
-    assert saved["reg_lambda_auto"] is True and saved["reg_lambda"] == trainer.reg_lambdas[0][1]
+    assert saved["dreg_lambda"] == "auto" and saved["calibrated_lambda"] == trainer.reg_lambdas[0][1]
     trainer.save_model(str(tmp_path / "saved"))
     restored = DREGConfig.from_pretrained(str(tmp_path / "saved"))
-    assert restored.auto_strength and restored.reg_lambda == trainer.reg_lambdas[0][1]
+    assert restored.auto_strength and restored.strength == trainer.reg_lambdas[0][1]
 
 
 @pytest.mark.parametrize("regularizer", ["weight_decay", "none"])
 def test_auto_strength_needs_a_penalty(regularizer):
     with pytest.raises(ValueError, match="adds no penalty"):
-        DREGConfig(regularizer=regularizer, reg_lambda="auto")
+        DREGConfig(regularizer=regularizer, dreg_lambda="auto")
 
 
 def test_recalibrate_steps_must_not_be_negative():

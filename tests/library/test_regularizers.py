@@ -158,7 +158,7 @@ def _initial_model(family, tok):
 
 
 def _train(family, reg, out, batch, accumulation):
-    """One SGD step (weight_decay: the optimizer's decay is reg_lambda); returns (trainer, initial weights)."""
+    """One SGD step (weight_decay: the optimizer's decay is dreg_lambda); returns (trainer, initial weights)."""
     tok, data = _data(family)
     model = _initial_model(family, tok)
     init = parameters(model)
@@ -166,7 +166,7 @@ def _train(family, reg, out, batch, accumulation):
     if reg == "spectral_norm":
         extra["spectral_power_iterations"] = POWER_ITERATIONS
     args = make_args(
-        out, regularizer=reg, reg_lambda=STRENGTH[reg], per_device_train_batch_size=batch,
+        out, regularizer=reg, dreg_lambda=STRENGTH[reg], per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, **sgd(), **extra,
     )  # fmt: skip
     trainer = DREGTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
@@ -304,17 +304,16 @@ def test_gradient_accumulation_matches_full_batch(reg, tmp_path, two_by_four):
 
 
 def test_weight_decay_is_the_optimizers_decoupled_decay(tmp_path):
-    args = DREGTrainingArguments(output_dir=str(tmp_path), regularizer="weight_decay", reg_lambda=0.05, report_to=[], use_cpu=True)
+    args = DREGTrainingArguments(output_dir=str(tmp_path), regularizer="weight_decay", dreg_lambda=0.05, report_to=[], use_cpu=True)
     assert args.weight_decay == 0.05
     with pytest.raises(ValueError, match="weight_decay"):
-        DREGTrainingArguments(output_dir=str(tmp_path), regularizer="weight_decay", reg_lambda=0.05, weight_decay=0.1, use_cpu=True)
+        DREGTrainingArguments(output_dir=str(tmp_path), regularizer="weight_decay", dreg_lambda=0.05, weight_decay=0.1, use_cpu=True)
 
 
-def test_dreg_lambda_and_reg_lambda_are_one_strength(tmp_path):
-    args = DREGTrainingArguments(output_dir=str(tmp_path), reg_lambda=0.1, use_cpu=True)
-    assert args.dreg_lambda == 0.1 and args.reg_lambda == 0.1
-    args = DREGTrainingArguments(output_dir=str(tmp_path), dreg_lambda=0.2, use_cpu=True)
-    assert args.reg_lambda == 0.2
+def test_the_deprecated_reg_lambda_is_dreg_lambda(tmp_path):
+    with pytest.warns(FutureWarning, match="reg_lambda is deprecated"):
+        args = DREGTrainingArguments(output_dir=str(tmp_path), reg_lambda=0.1, use_cpu=True)
+    assert args.dreg_lambda == 0.1 and args.reg_lambda is None
     with pytest.raises(ValueError, match="disagree"):
         DREGTrainingArguments(output_dir=str(tmp_path), reg_lambda=0.1, dreg_lambda=0.2, use_cpu=True)
     with pytest.raises(ValueError, match="Unknown regularizer"):
@@ -355,7 +354,7 @@ def test_the_registry_builds_every_regularizer_by_name(monkeypatch):
     from hf_dreg.config import DEFAULT_REG_LAMBDA, REGULARIZERS
 
     assert REGULARIZERS == ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
-    assert DEFAULT_REG_LAMBDA == {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01}
+    assert DEFAULT_REG_LAMBDA == {"none": 0.0, "weight_decay": 0.01, "spectral_norm": 0.01, "igpen": 0.01, "jacobian": 0.01, "dreg": 10**-2.5}
     built = []
 
     class Recorded(regs.Regularizer):
@@ -363,11 +362,11 @@ def test_the_registry_builds_every_regularizer_by_name(monkeypatch):
 
         @classmethod
         def build(cls, model, config, seed=0):
-            built.append((config.regularizer, config.reg_lambda, seed))
+            built.append((config.regularizer, config.dreg_lambda, seed))
             return cls()
 
     monkeypatch.setitem(regs.REGISTRY, "jacobian", Recorded)
-    config = DREGConfig(regularizer="jacobian", reg_lambda=0.5)
+    config = DREGConfig(regularizer="jacobian", dreg_lambda=0.5)
     assert isinstance(regs.build_regularizer(torch.nn.Linear(2, 2), config, seed=3), Recorded)
     assert built == [("jacobian", 0.5, 3)]
-    assert isinstance(regs.build_regularizer(torch.nn.Linear(2, 2), DREGConfig(regularizer="jacobian", reg_lambda=0.0)), regs.NoRegularizer)
+    assert isinstance(regs.build_regularizer(torch.nn.Linear(2, 2), DREGConfig(regularizer="jacobian", dreg_lambda=0.0)), regs.NoRegularizer)

@@ -77,9 +77,9 @@ def _ratio_by_hand(model, weights, batch, strength: float) -> float:
 def test_dreg_lambda_flag_accepts_auto_and_numbers():
     parser = HfArgumentParser(DREGTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "o", "--dreg_lambda", "auto", "--use_cpu"])
-    assert args.dreg_lambda == "auto" and args.reg_lambda == "auto"
+    assert args.dreg_lambda == "auto" and args.strength is None  # calibrated on the first batch
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "o", "--dreg_lambda", "0.03", "--use_cpu"])
-    assert args.dreg_lambda == 0.03 and args.reg_lambda == 0.03
+    assert args.dreg_lambda == 0.03 and args.strength == 0.03
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", "o", "--dreg_lambda", "strong", "--use_cpu"])
     with pytest.raises(ValueError, match="dreg_target_ratio"):
@@ -92,9 +92,9 @@ def test_auto_lambda_reaches_the_target_ratio_on_the_first_batch(tmp_path, tok):
     trainer, _ = _trainer(tmp_path, tok, data, batch=8, dreg_lambda="auto", dreg_target_ratio=0.25, **sgd())
     init = clone(trainer.model)
     trainer.train()
-    strength = trainer.args.reg_lambda
+    strength = trainer.args.strength
     assert isinstance(strength, float) and strength > 0
-    assert trainer.dreg_config.reg_lambda == strength
+    assert trainer.dreg_config.dreg_lambda == "auto" and trainer.dreg_config.strength == strength
 
     batch = padded_batch(tok, data, range(8))
     task, penalty, task_grad, dreg_grad = _by_hand(init, parameters(init), batch)
@@ -117,8 +117,8 @@ def test_auto_lambda_is_deterministic_for_a_seed(tmp_path, tok, data):
     first.train()
     second, _ = _trainer(tmp_path / "b", tok, data, dreg_lambda="auto", max_steps=1)
     second.train()
-    assert isinstance(first.args.reg_lambda, float)  # calibrated, not the string "auto" twice
-    assert first.args.reg_lambda == second.args.reg_lambda
+    assert isinstance(first.args.strength, float)  # calibrated, not None twice
+    assert first.args.strength == second.args.strength
 
 
 def test_ratio_diagnostic_is_the_measured_ratio_at_its_interval(tmp_path, tok, data, caplog):
@@ -144,7 +144,7 @@ def test_ratio_diagnostic_is_the_measured_ratio_at_its_interval(tmp_path, tok, d
 
 @pytest.mark.parametrize(
     "strength, warning, other",
-    [(1e-9, "has no measurable effect at reg_lambda=1e-09", "dominates"), (1e4, "dominates training at reg_lambda=1e+04", "measurable")],
+    [(1e-9, "has no measurable effect at dreg_lambda=1e-09", "dominates"), (1e4, "dominates training at dreg_lambda=1e+04", "measurable")],
 )
 def test_ratio_diagnostic_warns_once_when_negligible_or_dominant(tmp_path, tok, data, caplog, strength, warning, other):
     trainer, _ = _trainer(tmp_path, tok, data, dreg_lambda=strength, reg_ratio_interval=1, **sgd(max_steps=4, learning_rate=0.0))
@@ -163,7 +163,7 @@ def test_every_ratio_measurement_is_kept_even_when_no_training_log_follows_it(tm
     assert not logs_with(trainer, "reg_grad_ratio")
     steps = [step for step, _ in trainer.reg_grad_ratios]
     assert steps == [0, 2, 4]  # the calibration at step 0, then measurements at steps 2 and 4
-    strength = trainer.args.reg_lambda
+    strength = trainer.args.strength
     assert isinstance(strength, float)
     for step, ratio in trainer.reg_grad_ratios:
         expected = _ratio_by_hand(init, watch.weights[step], _batch_of_step(tok, data, step, 4), strength)
@@ -174,28 +174,63 @@ def test_every_ratio_measurement_is_kept_even_when_no_training_log_follows_it(tm
 def test_resume_keeps_the_calibrated_lambda(tmp_path, tok, data):
     first, _ = _trainer(tmp_path, tok, data, dreg_lambda="auto", max_steps=2, save_strategy="steps", save_steps=1)
     first.train()
-    assert isinstance(first.args.reg_lambda, float)
+    assert isinstance(first.args.strength, float)
     resumed, _ = _trainer(tmp_path, tok, data, dreg_lambda="auto", max_steps=2, save_strategy="steps", save_steps=1)
-    assert resumed.args.reg_lambda == "auto"
+    assert resumed.args.strength is None
     resumed._check_resumed_settings(str(tmp_path / "out" / "checkpoint-1"))
-    assert resumed.args.reg_lambda == first.args.reg_lambda
+    assert resumed.args.strength == first.args.strength and resumed.args.dreg_lambda == "auto"
 
 
-def test_a_strength_that_does_not_apply_is_warned_about_and_errors_quote_the_right_default():
+def test_dreg_lambda_is_the_strength_of_every_regularizer_and_errors_quote_its_default(tmp_path):
+    """One strength: dreg_lambda=0.5 with weight decay is a decay of 0.5 (it was ignored for 0.01 before), each
+    regularizer's default applies when none is given, and the deprecated reg_lambda moves into dreg_lambda."""
     import warnings as _warnings
 
     from hf_dreg import DREGConfig
 
-    with pytest.warns(UserWarning, match=r"dreg_lambda=0.5 does not apply to regularizer='weight_decay'.*reg_lambda"):
-        config = DREGConfig(regularizer="weight_decay", dreg_lambda=0.5)
-    assert config.reg_lambda == 0.01
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")
-        DREGConfig(regularizer="weight_decay", reg_lambda=0.1)  # nothing ignored: no warning
-        DREGConfig(dreg_lambda=0.5)
+        config = DREGConfig(regularizer="weight_decay", dreg_lambda=0.5)
+        args = DREGTrainingArguments(output_dir=str(tmp_path), regularizer="weight_decay", dreg_lambda=0.5, report_to=[], use_cpu=True)
+    assert config.strength == 0.5 and args.weight_decay == 0.5
+    assert DREGConfig(regularizer="weight_decay").dreg_lambda == 0.01 and DREGConfig(regularizer="jacobian").dreg_lambda == 0.01
+    assert DREGConfig().dreg_lambda == 10**-2.5 and DREGConfig(regularizer="none").dreg_lambda == 0.0
+    with pytest.warns(FutureWarning, match=r"reg_lambda is deprecated.*--dreg_lambda 0.1"):
+        old = DREGConfig(regularizer="weight_decay", reg_lambda=0.1)
+    assert old.dreg_lambda == 0.1 and old.reg_lambda is None
+    with pytest.raises(ValueError, match="disagree: pass only dreg_lambda"):
+        DREGConfig(reg_lambda=0.1, dreg_lambda=0.2)
     with pytest.raises(ValueError, match=r"got -1.*The weight_decay default is 0.01") as error:
-        DREGConfig(regularizer="weight_decay", reg_lambda=-1.0)
-    assert "DREG default" not in str(error.value)
+        DREGConfig(regularizer="weight_decay", dreg_lambda=-1.0)
+    assert "10**-2.5" not in str(error.value)
+    with pytest.raises(ValueError, match=r"got -1.*The dreg default is 0.00316228 = 10\*\*-2.5"):
+        DREGConfig(dreg_lambda=-1.0)
+    with pytest.raises(ValueError, match="adds no penalty"):
+        DREGConfig(regularizer="weight_decay", dreg_lambda="auto")
+
+
+def test_configs_saved_before_the_one_strength_still_load(tmp_path):
+    """dreg_config.json files of earlier runs (reg_lambda held the number, reg_lambda_auto the mode) load as they meant."""
+    import json
+
+    from hf_dreg import DREGConfig
+
+    base = {"dreg_lambda": 10**-2.5, "dreg_target_ratio": 0.1, "dreg_activations": "gelu"}
+    cases = [
+        ({**base, "regularizer": "weight_decay", "reg_lambda": 0.1, "reg_lambda_auto": False}, 0.1, 0.1),
+        ({**base, "regularizer": "igpen", "reg_lambda": 0.042, "reg_lambda_auto": True}, "auto", 0.042),
+        ({**base, "dreg_lambda": "auto", "regularizer": "dreg", "reg_lambda": 0.7, "reg_lambda_auto": True}, "auto", 0.7),
+        ({**base, "regularizer": "dreg", "reg_lambda": 10**-2.5, "reg_lambda_auto": False}, 10**-2.5, 10**-2.5),
+    ]
+    for i, (saved, setting, strength) in enumerate(cases):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "dreg_config.json").write_text(json.dumps(saved))
+        config = DREGConfig.from_pretrained(str(folder))
+        assert (config.regularizer, config.dreg_lambda, config.strength) == (saved["regularizer"], setting, strength)
+        config.save_pretrained(str(folder))  # and the new format reads back the same
+        again = DREGConfig.from_pretrained(str(folder))
+        assert (again.dreg_lambda, again.strength) == (setting, strength)
 
 
 def test_no_sites_names_the_family_and_the_flag_of_every_entry_point():

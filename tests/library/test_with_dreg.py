@@ -182,12 +182,12 @@ def test_dreg_config_parses_beside_sft_config(tmp_path):
         ["--output_dir", str(tmp_path), "--use_cpu", "--dreg_lambda", "auto", "--dreg_target_ratio", "0.05", "--dreg_activations", "silu",
          "--learning_rate", "1e-4"]
     )  # fmt: skip
-    assert isinstance(dreg, DREGConfig) and dreg.dreg_lambda == "auto" and dreg.reg_lambda == "auto"
+    assert isinstance(dreg, DREGConfig) and dreg.dreg_lambda == "auto" and dreg.strength is None
     assert dreg.dreg_target_ratio == 0.05 and dreg.dreg_activations == "silu" and sft.learning_rate == 1e-4
     yaml_file = tmp_path / "config.yaml"
-    yaml_file.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\ndataset_name: y\nregularizer: spectral_norm\nreg_lambda: 0.02\n")
+    yaml_file.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\ndataset_name: y\nregularizer: spectral_norm\ndreg_lambda: 0.02\n")
     _, _, dreg = parser.parse_yaml_file(str(yaml_file))
-    assert dreg.regularizer == "spectral_norm" and dreg.reg_lambda == 0.02
+    assert dreg.regularizer == "spectral_norm" and dreg.dreg_lambda == 0.02
     with pytest.raises(ValueError, match="dreg_lambda must be"):
         DREGConfig(dreg_lambda=-1.0)
     with pytest.raises(ValueError, match="Unknown regularizer"):
@@ -198,11 +198,11 @@ def test_weight_decay_regularizer_sets_the_base_trainers_decay(tmp_path, tok):
     model = tiny_lm("gpt2", tok.vocab_size)
     args = sft_args(tmp_path, "wd", 4, 1, weight_decay=0.0)
     trainer = with_dreg(SFTTrainer)(model=model, args=args, train_dataset=text_data(), processing_class=tok,
-                                    dreg_config=DREGConfig(regularizer="weight_decay", reg_lambda=0.05))  # fmt: skip
+                                    dreg_config=DREGConfig(regularizer="weight_decay", dreg_lambda=0.05))  # fmt: skip
     assert trainer.args.weight_decay == 0.05
     with pytest.raises(ValueError, match="disagree"):
         with_dreg(SFTTrainer)(model=model, args=sft_args(tmp_path, "wd2", 4, 1, weight_decay=0.1), train_dataset=text_data(),
-                              processing_class=tok, dreg_config=DREGConfig(regularizer="weight_decay", reg_lambda=0.05))  # fmt: skip
+                              processing_class=tok, dreg_config=DREGConfig(regularizer="weight_decay", dreg_lambda=0.05))  # fmt: skip
 
 
 def test_with_dreg_classes():

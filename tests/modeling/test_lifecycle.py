@@ -87,7 +87,7 @@ def test_hyperparameter_search_over_dreg_lambda_with_optuna(tmp_path, tok):
 
     class RecordStrength(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            used.append(trainer.dreg_config.reg_lambda)
+            used.append(trainer.dreg_config.strength)
 
     trainer = DREGTrainer(
         model_init=lambda: tiny_text_model("bert", tok.vocab_size), args=args, train_dataset=data, eval_dataset=data,
@@ -159,4 +159,4 @@ def test_resume_with_other_settings_warns(tmp_path, tok, caplog):
     other = _trainer(tmp_path, tok, save_strategy="steps", save_steps=2, max_steps=3, dreg_lambda=0.5)
     with caplog.at_level(logging.WARNING, logger="hf_dreg"):
         other.train(resume_from_checkpoint=True)
-    assert any("was trained with" in r.getMessage() and "'reg_lambda': 1.0" in r.getMessage() for r in caplog.records)
+    assert any("was trained with" in r.getMessage() and "'dreg_lambda': 1.0" in r.getMessage() for r in caplog.records)

@@ -104,7 +104,7 @@ def test_model_card_records_the_regularizer_sites_regime_and_results_and_push_up
     args = _args(tmp_path, push_to_hub=True, hub_model_id="someone/dreg-test", hub_strategy="end")
     run_classification(_scratch_bert(), data, args)
     card = (tmp_path / "out" / "README.md").read_text()
-    for expected in ("regularizer: `dreg`", "reg_lambda", "0.00316228", "DREG sites (1)", "intermediate.dense", "samples_per_class: `4`", "label_noise: `0.25`", "eval_accuracy"):
+    for expected in ("regularizer: `dreg`", "strength (dreg_lambda)", "0.00316228", "DREG sites (1)", "intermediate.dense", "samples_per_class: `4`", "label_noise: `0.25`", "eval_accuracy"):
         assert expected in card, expected
     assert uploads and uploads[-1]["repo_id"] == "someone/dreg-test"
     assert {"README.md", "model.safetensors", "config.json", "all_results.json"} <= set(uploads[-1]["files"])
@@ -112,9 +112,9 @@ def test_model_card_records_the_regularizer_sites_regime_and_results_and_push_up
 
 def test_scripts_accept_a_yaml_config_with_every_regularizer_flag(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("model_type: bert\ndata_dir: x\noutput_dir: o\nregularizer: spectral_norm\nreg_lambda: 0.5\nspectral_power_iterations: 2\nuse_cpu: true\n")
+    config.write_text("model_type: bert\ndata_dir: x\noutput_dir: o\nregularizer: spectral_norm\ndreg_lambda: 0.5\nspectral_power_iterations: 2\nuse_cpu: true\n")
     model, data, training = parse_finetuning_args([str(config)])
-    assert model.model_type == "bert" and training.regularizer == "spectral_norm" and training.reg_lambda == 0.5
+    assert model.model_type == "bert" and training.regularizer == "spectral_norm" and training.dreg_lambda == 0.5
     model, data, training = parse_finetuning_args(
         ["--model_name_or_path", "m", "--output_dir", "o", "--dreg_lambda", "0.1", "--samples_per_class", "16", "--label_noise", "0.2", "--use_cpu"]
     )

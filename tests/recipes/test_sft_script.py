@@ -247,9 +247,9 @@ def test_sft_lora_yaml_config_parses(tmp_path):
     data, training, model, dreg = parse_sft_args(["--config", str(REPO / "configs" / "sft_lora.yaml"), "--use_cpu", "true", "--dreg_lambda", "auto"])
     assert dreg.dreg_lambda == "auto"
     config = tmp_path / "c.yaml"
-    config.write_text("model_name_or_path: m\ntrain_file: t.jsonl\noutput_dir: o\nuse_cpu: true\nregularizer: spectral_norm\nreg_lambda: 0.5\n")
+    config.write_text("model_name_or_path: m\ntrain_file: t.jsonl\noutput_dir: o\nuse_cpu: true\nregularizer: spectral_norm\ndreg_lambda: 0.5\n")
     data, training, model, dreg = parse_sft_args([str(config)])
-    assert data.train_file == "t.jsonl" and dreg.regularizer == "spectral_norm" and dreg.reg_lambda == 0.5
+    assert data.train_file == "t.jsonl" and dreg.regularizer == "spectral_norm" and dreg.dreg_lambda == 0.5
 
 
 def test_load_splits_draws_a_seeded_subset():

@@ -329,7 +329,7 @@ def test_space_with_regularizers_maps_back_to_settings():
     }
     expected = {
         "dreg": {"regularizer": "dreg", "dreg_lambda": 0.5},
-        "weight_decay": {"regularizer": "weight_decay", "reg_lambda": 0.02},
+        "weight_decay": {"regularizer": "weight_decay", "dreg_lambda": 0.02},
         "none": {"regularizer": "none"},
     }
     for name, params in fixed.items():
@@ -472,7 +472,7 @@ def test_tied_trials_go_to_the_weakest_strength_and_say_so(caplog):
         return optuna.trial.create_trial(value=value, params=params, distributions=dists)
 
     trials = [trial(1.0, regularizer="dreg", dreg_lambda=5.0), trial(0.9, regularizer="dreg", dreg_lambda=1e-3),
-              trial(1.0, regularizer="dreg", dreg_lambda=0.01), trial(1.0, regularizer="jacobian", reg_lambda=2.0)]
+              trial(1.0, regularizer="dreg", dreg_lambda=0.01), trial(1.0, regularizer="jacobian", jacobian_lambda=2.0)]
     for number, t in enumerate(trials):
         t.number = number
     with caplog.at_level(logging.WARNING):
