@@ -28,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .config import AUTO, CONFIG_NAME, DREGConfig
+from .config import CONFIG_NAME, DREGConfig
 from .modeling.diagnostics import gradient_norms
 from .modeling.hooks import check_finite
 from .modeling.positions import count_positions, position_masks
