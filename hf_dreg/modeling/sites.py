@@ -541,35 +541,3 @@ def _follow(name, modules, z, a, later_events, origin, layer_input, layers, inpu
         mask_key=_mask_key(tuple(z.shape[:-1]), inputs),
         family=family,
     )
-
-
-_CONFIG_ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
-
-
-def config_activation_family(config) -> str | None:
-    """The activation family a model's config names for its MLPs (``hidden_act``, Gemma's ``hidden_activation``,
-    GPT-2's ``activation_function``), or None when the config names none this package knows."""
-    from transformers.activations import ACT2FN
-
-    name = next((getattr(config, key) for key in _CONFIG_ACTIVATION_KEYS if isinstance(getattr(config, key, None), str)), None)
-    if name is None:
-        return None
-    try:
-        module = ACT2FN[name]
-    except KeyError:
-        return None
-    return spec_for(module).family if is_supported(module) else None
-
-
-def check_config_activations(config, activations, flag: str = "--dreg_activations") -> None:
-    """Fail before the weights are loaded when the config's MLP activation is not among ``activations``: the error a
-    model's sites would give after loading, with the family to pass (``flag``, the entry point's option)."""
-    family = config_activation_family(config)
-    families = resolve_families(activations)
-    if family is None or families is None or family in families:
-        return
-    raise NoSitesError(
-        f"{type(config).__name__} says its MLPs use a {family!r} activation, and DREG's sites are {activations!r}: no "
-        f"site would be found. Choose it with {flag} {family} (DREGConfig(dreg_activations={family!r}) in Python); "
-        "'all' takes every supported activation. Nothing was loaded or written."
-    )

@@ -29,7 +29,7 @@ from .data import (
     select_samples_per_class,
 )
 from .featurize import Featurizer, is_image_data
-from .models import ModelArguments
+from .models import ModelArguments, check_model_arguments
 from .provenance import code_revision
 
 logger = tf.utils.logging.get_logger(__name__)
@@ -119,6 +119,7 @@ def run_classification(
     for every regularizer, so the report can compare where the pressure went). ``save=False`` (the
     sweep) writes no model or results files; ``quiet=True`` prints no log lines.
     """
+    check_model_arguments(model_args, training_args)  # from the config: before any weight, data or output folder
     seed = training_args.seed if training_args.data_seed is None else training_args.data_seed  # subsets and noise
     tf.set_seed(training_args.seed)
     splits, regime = prepare_splits(data_args, seed)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..modeling.hooks import attach
 from ..modeling.positions import count_positions
 from .data import check_columns, load_file
-from .models import resolve_checkpoint
+from .models import check_activations_before_loading, resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -77,12 +77,14 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
+    checkpoint = resolve_checkpoint(args.model_name_or_path)
+    if args.dreg_lambda > 0:  # from the config: before any weight, data or output folder
+        check_activations_before_loading(checkpoint, args.dreg_activations, (tf.AutoModelForSequenceClassification,))
     # the step's micro-batches are drawn before the first one runs (to count their positions), so the end of the
     # data loader comes early: accelerate must sync every G micro-batches, not at the loader's end
     plugin = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
     accelerator = Accelerator(gradient_accumulation_plugin=plugin)
     set_seed(args.seed)
-    checkpoint = resolve_checkpoint(args.model_name_or_path)
     tokenizer = tf.AutoTokenizer.from_pretrained(checkpoint)
     with accelerator.main_process_first():
         train_data, label2id = _encoded(args.train_file, "--train_file", args, tokenizer, None)

@@ -23,6 +23,7 @@ from ..metrics import load_metric
 from ..trainer import with_dreg
 from .arguments import parse_arguments
 from .data import DatasetArguments, check_columns, dataset_card_info, load_splits
+from .models import check_activations_before_loading, regularizer_uses_sites
 from .train_and_save import train_evaluate_save
 
 logger = tf.utils.logging.get_logger(__name__)
@@ -106,6 +107,10 @@ def run_seq2seq(model_args: Seq2SeqModelArguments, data_args: Seq2SeqDataArgumen
     """Train with ``with_dreg(Seq2SeqTrainer)``, evaluate, save model, metrics and card (and push)."""
     if not model_args.model_name_or_path:
         raise ValueError("Pass --model_name_or_path (a hub model id or a local checkpoint folder).")
+    name = model_args.model_name_or_path
+    common = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)
+    if regularizer_uses_sites(dreg_config):  # from the config: before any weight, data or output folder
+        check_activations_before_loading(name, dreg_config.dreg_activations, (tf.AutoModelForSeq2SeqLM,), **common)
     seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     train, evaluation, record = load_splits(data_args, seed)
     needed = {data_args.source_column: "--source_column", data_args.target_column: "--target_column"}
@@ -113,8 +118,6 @@ def run_seq2seq(model_args: Seq2SeqModelArguments, data_args: Seq2SeqDataArgumen
     if evaluation is not None:
         check_columns(evaluation, *needed, flags=needed, split="evaluation")
 
-    name = model_args.model_name_or_path
-    common = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)
     tokenizer = tf.AutoTokenizer.from_pretrained(model_args.tokenizer_name or name, **common)
     tf.set_seed(training_args.seed)
     model = tf.AutoModelForSeq2SeqLM.from_pretrained(name, **common)

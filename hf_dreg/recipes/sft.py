@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import transformers as tf
 
 from ..config import DREGConfig
-from ..modeling.sites import check_config_activations
 from .arguments import check_config_keys, check_flags
 from .data import DatasetArguments, dataset_card_info, load_splits
+from .models import check_activations_before_loading, regularizer_uses_sites
 from .train_and_save import train_evaluate_save
 
 try:
@@ -102,6 +102,12 @@ def run_sft(data_args: DatasetArguments, training_args: SFTConfig, model_args: M
     """Train with ``with_dreg(SFTTrainer)``, evaluate, save model, metrics and card (and push)."""
     if not model_args.model_name_or_path:
         raise ValueError("Pass --model_name_or_path (a hub model id or a local checkpoint folder).")
+    name = model_args.model_name_or_path
+    if regularizer_uses_sites(dreg_config):  # from the config: before any weight, data or output folder
+        check_activations_before_loading(
+            name, dreg_config.dreg_activations, (tf.AutoModelForCausalLM,),
+            revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+        )
     seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     train, evaluation, record = load_splits(data_args, seed)
     fmt = data_format(train, "training", training_args.dataset_text_field)
@@ -109,10 +115,6 @@ def run_sft(data_args: DatasetArguments, training_args: SFTConfig, model_args: M
         raise ValueError(f"The training data is {fmt} data but the evaluation data is not: give both in the same format.")
     record = {"format": fmt, **record}
 
-    name = model_args.model_name_or_path
-    if dreg_config.regularizer == "dreg" and dreg_config.dreg_lambda != 0:  # before any weight is loaded
-        config = tf.AutoConfig.from_pretrained(name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
-        check_config_activations(config, dreg_config.dreg_activation_list)
     tokenizer = tf.AutoTokenizer.from_pretrained(
         name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )

@@ -279,6 +279,7 @@ def test_an_activation_the_sites_do_not_take_fails_before_loading(checkpoints, t
     config.save_pretrained(model)
     (model / "model.safetensors").unlink()  # were the weights read, this run would fail differently
     out = tmp_path / "out"
-    with pytest.raises(NoSitesError, match=r"'relu' activation.*--dreg_activations relu"):
+    with pytest.raises(NoSitesError, match=r"GPT2LMHeadModel's MLPs use relu \(its config: activation_function='relu'\); --dreg_activations gelu "
+                       r"finds no DREG sites in them\. Pass --dreg_activations relu "):
         main(_argv(model, out, "text"))
     assert not out.exists()
