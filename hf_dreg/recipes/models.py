@@ -151,9 +151,7 @@ def config_activation(config) -> tuple[str, str, str] | None:
 def regularizer_uses_sites(config) -> bool:
     """Whether a DREGConfig's regularizer acts on the MLP activation sites (``--dreg_activations``): dreg, and
     spectral_norm (on the Linears that feed them), at a strength that is not 0 (``build_regularizer``'s rule)."""
-    if config.regularizer == "dreg":
-        return config.dreg_lambda != 0
-    return config.regularizer == "spectral_norm" and config.reg_lambda != 0
+    return config.regularizer in ("dreg", "spectral_norm") and config.dreg_lambda != 0
 
 
 def _model_name(config, auto_classes) -> str:

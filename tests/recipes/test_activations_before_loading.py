@@ -227,6 +227,6 @@ def test_regularizer_uses_sites():
     assert regularizer_uses_sites(DREGConfig()) and regularizer_uses_sites(DREGConfig(dreg_lambda="auto"))
     assert regularizer_uses_sites(DREGConfig(regularizer="spectral_norm"))
     assert not regularizer_uses_sites(DREGConfig(dreg_lambda=0))
-    assert not regularizer_uses_sites(DREGConfig(regularizer="spectral_norm", reg_lambda=0))
+    assert not regularizer_uses_sites(DREGConfig(regularizer="spectral_norm", dreg_lambda=0))
     for other in ("none", "weight_decay", "igpen", "jacobian"):
         assert not regularizer_uses_sites(DREGConfig(regularizer=other))
