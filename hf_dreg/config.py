@@ -122,7 +122,8 @@ class DREGConfig:
         },
     )
 
-    # not a flag: the value an 'auto' dreg_lambda was calibrated to (None until then); set by set_calibrated only
+    # not a flag: the value an 'auto' dreg_lambda was calibrated to (None until then); set by set_calibrated (a new
+    # hyperparameter-search trial clears it)
     calibrated_lambda: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
