@@ -4,8 +4,10 @@
 
 1. loads the data as :mod:`hf_dreg.recipes.classification` does (the low-data options apply to the training split);
    the user's evaluation split is the **test set**, and it is not looked at until step 3;
-2. carves a stratified validation split from the *training* data and runs
-   ``Trainer.hyperparameter_search`` over :class:`~hf_dreg.search_space.DREGSearchSpace` on it: Optuna
+2. scores the trials on the *training* data only: a carved stratified validation split, or, for a small
+   training set (``search_folds``, default ``auto``), stratified k-fold cross-validation, where each trial
+   trains once per fold and its score is the mean over the folds (every training example validated once);
+   ``Trainer.hyperparameter_search`` runs over :class:`~hf_dreg.search_space.DREGSearchSpace`: Optuna
    (default) with a persistent storage (``sqlite:///<output_dir>/study.db``), so that a killed search
    resumes where it stopped (``n_trials`` is the total: a rerun runs only the trials still missing), or
    Ray Tune (``backend="ray"``, on a cluster with ``address``);
@@ -54,6 +56,9 @@ PLAIN = {"regularizer": "dreg", "dreg_lambda": 0.0}
 RESULTS_FILE = "tune_results.json"
 RUNS_FILE = "runs.jsonl"
 REPORT_FILE = "TUNE_REPORT.md"
+# search_folds 'auto': k-fold cross-validation when a class has fewer training examples than this (a single
+# split of 0.2 would score the trials on fewer than 10 examples of it)
+AUTO_FOLDS_BELOW = 50
 
 
 @dataclass
@@ -76,6 +81,20 @@ class TuneArguments:
     sampler_seed: int = field(default=0, metadata={"help": "Seed of Optuna's TPE sampler."})
     validation_fraction: float = field(
         default=0.2, metadata={"help": "Share of the training data held out (stratified) to score the trials."}
+    )
+    search_folds: str = field(
+        default="auto",
+        metadata={
+            "help": "How each trial is scored. An integer k >= 2: stratified k-fold cross-validation of the training data "
+            "(each trial trains k times, on k-1 folds, is scored on the held-out fold, and its score is the mean over the "
+            "folds: every training example is validated once). 1: one stratified --validation_fraction split. 'auto' "
+            f"(default): k-fold with k = round(1 / validation_fraction) (5 at 0.2) when a class has fewer than "
+            f"{AUTO_FOLDS_BELOW} training examples, else the single split."
+        },
+    )
+    search_fold_repeats: int = field(
+        default=1,
+        metadata={"help": "k-fold: repeat the folds with new stratified shuffles; each trial trains k x repeats times."},
     )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3, 4],
@@ -105,6 +124,11 @@ class TuneArguments:
             raise ValueError(f"--n_trials must be >= 1, got {self.n_trials}.")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        self.search_folds = str(self.search_folds).strip().lower()
+        if self.search_folds != "auto" and not (self.search_folds.isdigit() and int(self.search_folds) >= 1):
+            raise ValueError(f"--search_folds must be 'auto' or an integer >= 1, got {self.search_folds!r}.")
+        if self.search_fold_repeats < 1:
+            raise ValueError(f"--search_fold_repeats must be >= 1, got {self.search_fold_repeats}.")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed.")
         if len(set(self.seeds)) != len(self.seeds):
@@ -119,6 +143,15 @@ class TuneArguments:
 
     def search_space(self) -> DREGSearchSpace:
         return DREGSearchSpace(self.search_lambda_min, self.search_lambda_max, tuple(self.search_regularizers))
+
+    def folds_for(self, labels) -> int:
+        """The number of folds that score each trial on a training set with these ``labels`` (1: the single split)."""
+        if self.search_folds != "auto":
+            return int(self.search_folds)
+        smallest = int(np.unique(np.asarray(labels), return_counts=True)[1].min())
+        if smallest >= AUTO_FOLDS_BELOW:
+            return 1
+        return max(2, min(round(1 / self.validation_fraction), smallest))
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -137,6 +170,22 @@ def stratified_split(ds: Dataset, fraction: float, label_column: str = "label", 
             f"({len(np.unique(labels))} classes): {error} Raise --validation_fraction or train on more examples per class."
         ) from None
     return ds.select(sorted(rest.tolist())), ds.select(sorted(held_out.tolist()))
+
+
+def stratified_folds(labels, folds: int, repeats: int = 1, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(fit, held_out)]`` index arrays: ``folds`` stratified folds, ``repeats`` times with new shuffles (seeded);
+    within a repeat the held-out parts partition the examples, each with the class proportions kept."""
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if folds < 2 or counts.min() < folds:
+        raise ValueError(
+            f"Cannot make {folds} stratified folds of the {len(labels)} training examples: class {classes[counts.argmin()].item()!r} "
+            f"has {counts.min()}. Pass --search_folds between 2 and {counts.min()} (or 1, the single split)."
+        )
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    return [(np.sort(fit), np.sort(held_out)) for fit, held_out in splitter.split(np.zeros(len(labels)), labels)]
 
 
 # ---- arguments of the runs -----------------------------------------------------------------------
@@ -184,6 +233,73 @@ class ClassificationMetrics:
         return {}
 
 
+class FoldSearchMixin:
+    """A trainer whose hyperparameter-search trials are scored by k-fold cross-validation.
+
+    With ``search_folds`` set (``[(fit, held_out)]`` featurized data sets) and called by
+    ``hyperparameter_search`` (``train(trial=...)``), :meth:`train` trains the trial's setting once per fold, on
+    ``fit`` from a fresh ``model_init`` (the same seed every fold), and evaluates it on ``held_out``; the
+    search's following ``evaluate()`` then returns the mean of the fold metrics, so the search's
+    ``compute_objective`` (Optuna and Ray alike) gets the mean over the folds. The per-fold scores of
+    ``fold_key`` come as ``<fold_key>_fold<i>`` (and an Optuna trial's user attribute ``fold_scores``).
+    Within the folds, evaluations during training are not reported to the search (no pruning on one fold);
+    a trial resumed from a checkpoint trains its folds again from the start.
+    """
+
+    search_folds: list = []
+    fold_key: str = "eval_accuracy"
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if trial is None or not self.search_folds or self.hp_search_backend is None:
+            return super().train(resume_from_checkpoint, trial=trial, **kwargs)
+        self._fold_summary, per_fold, output = None, [], None
+        self._in_folds = True
+        try:
+            for fit, held_out in self.search_folds:
+                self.train_dataset, self.eval_dataset = fit, held_out
+                output = super().train(None, trial=trial, **kwargs)
+                per_fold.append(self.evaluate(held_out))
+        finally:
+            self._in_folds = False
+        scores = [_objective(metrics, self.fold_key) for metrics in per_fold]
+        summary = {
+            k: float(np.mean([m[k] for m in per_fold]))
+            for k in per_fold[0] if all(isinstance(m.get(k), (int, float)) for m in per_fold)
+        }  # fmt: skip
+        summary.update({f"{self.fold_key}_fold{i}": score for i, score in enumerate(scores)})
+        summary[f"{self.fold_key}_folds"] = len(scores)
+        self._fold_summary = summary
+        self.objective = None  # the search's evaluate() gives the mean over the folds
+        if hasattr(trial, "set_user_attr"):  # Optuna
+            trial.set_user_attr("fold_scores", scores)
+        return output
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        summary = getattr(self, "_fold_summary", None)
+        if eval_dataset is None and summary is not None:
+            self._fold_summary = None
+            return dict(summary)
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def _report_to_hp_search(self, trial, step, metrics):
+        if getattr(self, "_in_folds", False):
+            return
+        return super()._report_to_hp_search(trial, step, metrics)
+
+
+class FoldSearchDREGTrainer(FoldSearchMixin, DREGTrainer):
+    """DREGTrainer with :class:`FoldSearchMixin` (module level, so that it pickles by name for Ray)."""
+
+
+def with_fold_search(trainer_class: type) -> type:
+    """``trainer_class`` with :class:`FoldSearchMixin` (its hyperparameter-search trials scored over folds)."""
+    if issubclass(trainer_class, FoldSearchMixin):
+        return trainer_class
+    if trainer_class is DREGTrainer:
+        return FoldSearchDREGTrainer
+    return type(f"FoldSearch{trainer_class.__name__}", (FoldSearchMixin, trainer_class), {})
+
+
 # ---- the search ----------------------------------------------------------------------------------
 
 
@@ -203,7 +319,10 @@ def _optuna_storage(url: str | None, output_dir: str):
 
 
 def _trial_record(trial) -> dict:
-    return {"number": trial.number, "state": trial.state.name, "value": trial.value, "params": trial.params}
+    record = {"number": trial.number, "state": trial.state.name, "value": trial.value, "params": trial.params}
+    if "fold_scores" in trial.user_attrs:  # k-fold: the score on each fold (the value is their mean)
+        record["fold_scores"] = trial.user_attrs["fold_scores"]
+    return record
 
 
 def _strength(params: dict) -> float:
@@ -219,9 +338,14 @@ def _params(params: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def pick_best(trials, direction: str, validation_items: int | None = None):
+def _scores(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def pick_best(trials, direction: str, validation_items: int | None = None, folds: int = 1, repeats: int = 1):
     """The best finished trial; ties (the same score) go to the weakest strength, with a warning giving the numbers:
-    a validation split that cannot tell trials apart should not decide for the stronger one by trial order."""
+    a validation split that cannot tell trials apart should not decide for the stronger one by trial order.
+    With ``folds`` > 1 the score is the mean over the folds, ``validation_items`` all the folds' items together."""
     import optuna
 
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
@@ -230,12 +354,23 @@ def pick_best(trials, direction: str, validation_items: int | None = None):
     top = max(t.value for t in done) if direction == "maximize" else min(t.value for t in done)
     tied = [t for t in done if abs(t.value - top) <= 1e-12 * max(1.0, abs(top))]
     chosen = min(tied, key=lambda t: (_strength(t.params), t.number))
-    if len(tied) > 1:
+    if len(tied) > 1 and folds > 1:
+        scheme = f"{folds}-fold cross-validation" + (f" repeated {repeats} times" if repeats > 1 else "")
+        items = f" on {validation_items} validation items ({scheme}, every training example scored {repeats}x)"
+        per_fold = "; ".join(f"trial {t.number}: {_scores(t.user_attrs['fold_scores'])}" for t in tied if "fold_scores" in t.user_attrs)
+        logger.warning(
+            f"hf_dreg tune: {len(tied)} of {len(done)} trials tied at {top:.6g}{items}: the folds cannot tell them apart"
+            + (f" (fold scores {per_fold})" if per_fold else "")
+            + f". Taking the weakest strength among them (trial {chosen.number}: {_params(chosen.params)}); more "
+            "--search_fold_repeats, a finer --search_metric (loss) or more training data may separate them."
+        )
+    elif len(tied) > 1:
         items = f" on {validation_items} validation items" if validation_items else ""
         logger.warning(
             f"hf_dreg tune: {len(tied)} of {len(done)} trials tied at {top:.6g}{items}: the validation split cannot tell "
             f"them apart. Taking the weakest strength among them (trial {chosen.number}: {_params(chosen.params)}); "
-            "a larger --validation_fraction (or more training data) separates them."
+            "a larger --validation_fraction, --search_folds k (every training example scored) or more training data "
+            "separates them."
         )
     return chosen
 
@@ -248,32 +383,55 @@ def search(
     tune_args: TuneArguments,
     trainer_class: type = DREGTrainer,
     config: str | None = None,
+    folds: list[tuple] | None = None,
+    fold_repeats: int = 1,
 ) -> dict:
     """``hyperparameter_search`` on the carved split; returns the best settings, its score and every trial.
 
+    ``folds`` (``[(fit, held_out)]`` index arrays into ``search_train``, from :func:`stratified_folds`, with
+    ``fold_repeats`` repeats; ``search_validation`` is then unused): k-fold cross-validation, each trial trained
+    on every ``fit`` and scored on its ``held_out`` (:class:`FoldSearchMixin`), its value the mean over the folds.
+
     ``config`` (a :func:`fingerprint`) is kept in the Optuna study: resuming a study made with other data,
-    model or training flags is refused."""
+    model or training flags is refused, and so is resuming it with another number of folds."""
     space = tune_args.search_space()
     args = derive_args(
         training_args, output_dir=os.path.join(training_args.output_dir, "search"), save_strategy="no",
         load_best_model_at_end=False, push_to_hub=False,
     )  # fmt: skip
 
-    def make_trainer():
-        return trainer_class(
-            model_init=featurizer.model_init,
-            args=args,
-            train_dataset=featurizer.features(search_train),
-            eval_dataset=featurizer.features(search_validation),
-            processing_class=featurizer.processor,
-            data_collator=featurizer.collator,
-            compute_metrics=ClassificationMetrics(),
-        )
-
     key = f"eval_{tune_args.search_metric}"
+    fold_data = None
+    if folds:
+        features = featurizer.features(search_train)
+        fold_data = [(features.select(fit), features.select(held_out)) for fit, held_out in folds]
+
+    def make_trainer():
+        if fold_data is None:
+            return trainer_class(
+                model_init=featurizer.model_init,
+                args=args,
+                train_dataset=featurizer.features(search_train),
+                eval_dataset=featurizer.features(search_validation),
+                processing_class=featurizer.processor,
+                data_collator=featurizer.collator,
+                compute_metrics=ClassificationMetrics(),
+            )
+        trainer = with_fold_search(trainer_class)(
+            model_init=featurizer.model_init, args=args, train_dataset=fold_data[0][0], eval_dataset=fold_data[0][1],
+            processing_class=featurizer.processor, data_collator=featurizer.collator, compute_metrics=ClassificationMetrics(),
+        )  # fmt: skip
+        trainer.search_folds, trainer.fold_key = fold_data, key
+        return trainer
+
     common = dict(hp_space=space, direction=tune_args.direction, compute_objective=Objective(key))
+    validation_items = len(search_validation) if not folds else int(sum(len(held_out) for _, held_out in folds))
     record = {"backend": tune_args.backend, "metric": key, "direction": tune_args.direction, "space": dataclasses.asdict(space),
-              "validation_items": len(search_validation)}  # what every trial was scored on
+              "validation_items": validation_items}  # what every trial was scored on (k-fold: all the folds together)
+    n_folds, fold_repeats = (len(folds) // fold_repeats, fold_repeats) if folds else (1, 1)
+    if folds:
+        record.update(folds=n_folds, fold_repeats=fold_repeats, fold_train_items=[len(fit) for fit, _ in folds],
+                      fold_validation_items=[len(held_out) for _, held_out in folds])  # fmt: skip
     if tune_args.backend == "optuna":
         import optuna
 
@@ -296,6 +454,17 @@ def search(
                 f"The Optuna study {tune_args.study_name!r} scored its trials by {study.user_attrs['hf_dreg_metric']}, not "
                 f"{key}: pass --search_metric {study.user_attrs['hf_dreg_metric'][len('eval_'):]} or another --study_name."
             )
+        made_folds = study.user_attrs.get("hf_dreg_folds")
+        if made_folds is None:  # a new study; one with trials but no record is from before k-fold: the single split
+            made_folds = [1, 1] if study.trials else [n_folds, fold_repeats]
+            study.set_user_attr("hf_dreg_folds", made_folds)
+        if list(made_folds) != [n_folds, fold_repeats]:
+            raise ValueError(
+                f"The Optuna study {tune_args.study_name!r} scored its trials "
+                + ("on one validation split" if made_folds[0] == 1 else f"by {made_folds[0]}-fold cross-validation x{made_folds[1]}")
+                + ", not " + ("on one validation split" if n_folds == 1 else f"by {n_folds}-fold cross-validation x{fold_repeats}")
+                + f": pass --search_folds {made_folds[0]} --search_fold_repeats {made_folds[1]}, or another --study_name."
+            )
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         before = len([t for t in study.trials if t.state in finished])
         remaining = max(0, tune_args.n_trials - before)
@@ -310,7 +479,7 @@ def search(
         else:
             logger.warning(f"Optuna study {tune_args.study_name!r} already has {before} finished trials: no search.")
         study = optuna.load_study(study_name=tune_args.study_name, storage=storage)
-        best = pick_best(study.trials, tune_args.direction, len(search_validation))
+        best = pick_best(study.trials, tune_args.direction, validation_items, n_folds, fold_repeats)
         record.update(
             storage=tune_args.storage or "sqlite:///" + os.path.join(training_args.output_dir, "study.db"),
             study_name=tune_args.study_name,
@@ -345,6 +514,9 @@ def search(
             }
             for t in analysis.trials
         ]
+        if folds:  # the score on each fold, reported beside the mean
+            for trial in trials:
+                trial["fold_scores"] = [trial["metrics"].get(f"{key}_fold{i}") for i in range(len(folds))]
         record.update(
             address=tune_args.address,
             study_name=tune_args.study_name,
@@ -502,6 +674,11 @@ def _describe(settings: dict) -> str:
     return f"{settings['regularizer']}, dreg_lambda={settings['dreg_lambda']:.4g}"
 
 
+def _sizes(sizes: list[int]) -> str:
+    low, high = min(sizes), max(sizes)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def write_report(results: dict, folder: str | Path) -> Path:
     """``TUNE_REPORT.md`` and the paired plot in ``folder``; returns the report's path."""
     folder = Path(folder)
@@ -515,13 +692,27 @@ def write_report(results: dict, folder: str | Path) -> Path:
     unit = "" if metric == "loss" else " (%)"
     show = (lambda v: f"{v:.4f}") if metric == "loss" else _pct
     show_diff = (lambda v: f"{v:+.4f}") if metric == "loss" else (lambda v: f"{100 * v:+.2f}")
+    folds = search.get("folds", 1)
+    if folds == 1:
+        validation = (
+            f"Search: {search['backend']}, {len(search['trials'])} trials on a stratified validation split carved from the "
+            f"training data ({results['data']['search_validation_examples']} of {results['data']['train_examples']} examples); "
+        )
+    else:
+        repeats = search.get("fold_repeats", 1)
+        validation = (
+            f"Search: {search['backend']}, {len(search['trials'])} trials, each scored by stratified {folds}-fold "
+            f"cross-validation{f' repeated {repeats} times' if repeats > 1 else ''} of the {results['data']['train_examples']} "
+            f"training examples (trained on {folds - 1} folds, scored on the held-out one, for every fold): each trial was scored "
+            f"on {search['validation_items']} validation items ({_sizes(search['fold_validation_items'])} per fold), its score "
+            f"the mean over the folds; "
+        )
     lines = [
         "# Tuned regularizer against plain fine-tuning",
         "",
-        f"Search: {search['backend']}, {len(search['trials'])} trials on a stratified validation split carved from the "
-        f"training data ({results['data']['search_validation_examples']} of {results['data']['train_examples']} examples); "
-        f"the test set ({results['data']['test_examples']} examples) was not used in the search.",
-        f"Best setting: **{best}** (validation {search['metric']} {search['best_value']:.4g}, trial {search['best_trial']}).",
+        validation + f"the test set ({results['data']['test_examples']} examples) was not used in the search.",
+        f"Best setting: **{best}** (validation {search['metric']} {search['best_value']:.4g}"
+        + (f", mean of {folds * search.get('fold_repeats', 1)} folds" if folds > 1 else "") + f", trial {search['best_trial']}).",
         f"Plain: dreg_lambda = 0. Both retrained on all {results['data']['train_examples']} training examples with each seed, "
         f"scored on the test set.",
         "",
@@ -543,9 +734,22 @@ def write_report(results: dict, folder: str | Path) -> Path:
         "",
         f"![{plot.name}]({plot.name})",
         "",
-        f"Every run: `{RESULTS_FILE}` (and `{RUNS_FILE}`).",
-        "",
     ]
+    if folds > 1:
+        lines += [f"Validation {search['metric']} of each trial on each fold:", "",
+                  "| trial | setting | " + " | ".join(f"fold {i}" for i in range(len(search["fold_validation_items"]))) + " | mean |",
+                  "| --- | --- | " + "--- | " * len(search["fold_validation_items"]) + "--- |"]  # fmt: skip
+        for trial in search["trials"]:
+            scores = list(trial.get("fold_scores") or [])
+            scores += [None] * (len(search["fold_validation_items"]) - len(scores))  # a failed trial: none
+            value = trial.get("value")
+            lines.append(
+                f"| {trial['number']} | {_params(trial['params'])} | "
+                + " | ".join("-" if v is None else f"{v:.4g}" for v in scores)
+                + f" | {'-' if value is None else f'{value:.4g}'} |"
+            )
+        lines.append("")
+    lines += [f"Every run: `{RESULTS_FILE}` (and `{RUNS_FILE}`).", ""]
     path = folder / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -607,11 +811,31 @@ def run_tune(
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     splits, regime = prepare_splits(data_args, data_seed)
     train, test = splits["train"], splits["validation"]  # the user's evaluation split is the test set
-    search_train, search_validation = stratified_split(train, tune_args.validation_fraction, data_args.label_column, data_seed)
+    labels = train[data_args.label_column]
+    n_folds = tune_args.folds_for(labels)
+    folds = None
+    if n_folds == 1:
+        search_train, search_validation = stratified_split(train, tune_args.validation_fraction, data_args.label_column, data_seed)
+        if tune_args.search_folds != "auto" and dataclasses.replace(tune_args, search_folds="auto").folds_for(labels) > 1:
+            logger.warning(
+                f"hf_dreg tune: --search_folds 1 scores each trial on {len(search_validation)} validation items of the "
+                f"{len(train)} training examples; --search_folds auto would score it on all {len(train)} (k-fold)."
+            )
+    else:
+        folds = stratified_folds(labels, n_folds, tune_args.search_fold_repeats, data_seed)
+        search_train, search_validation = train, None
+        logger.warning(
+            f"hf_dreg tune: {len(train)} training examples: each trial is scored by stratified {n_folds}-fold cross-validation"
+            + (f" repeated {tune_args.search_fold_repeats} times" if tune_args.search_fold_repeats > 1 else "")
+            + f" ({len(folds)} trainings per trial, on {len(train) * tune_args.search_fold_repeats} validation items in all)."
+        )
     featurizer = Featurizer(model_args, data_args, train)
 
     config = fingerprint(model_args, data_args, training_args)
-    search_record = search(featurizer, search_train, search_validation, training_args, tune_args, config=config)
+    search_record = search(
+        featurizer, search_train, search_validation, training_args, tune_args, config=config, folds=folds,
+        fold_repeats=tune_args.search_fold_repeats,
+    )  # fmt: skip
     settings = {"plain": dict(PLAIN), "best": search_record["best_settings"]}
     runs = retrain(featurizer, train, test, training_args, tune_args.seeds, settings, data_args, config, progress=progress)
 
@@ -628,8 +852,16 @@ def run_tune(
             **regime,
             "data_seed": data_seed,
             "validation_fraction": tune_args.validation_fraction,
-            "search_train_examples": len(search_train),
-            "search_validation_examples": len(search_validation),
+            "search_folds": n_folds,
+            **(
+                {"search_train_examples": len(search_train), "search_validation_examples": len(search_validation)}
+                if folds is None else {
+                    "search_fold_repeats": tune_args.search_fold_repeats,
+                    "search_examples": len(train),  # cross-validated: each trained on k-1 folds, scored on the other
+                    "search_fold_train_examples": search_record["fold_train_items"],
+                    "search_validation_examples": search_record["validation_items"],  # all folds together, per trial
+                }
+            ),
             "test_examples": len(test),
         },
         "model": model_args.model_name_or_path or f"{model_args.model_type} from scratch",

@@ -6,6 +6,8 @@ A tiny BERT from scratch on a tiny two-class data set written to tmp_path; Optun
 - the search sees only the training data: every data set any search trainer trained or evaluated on
   is recorded (its tokenized examples), and compared with the tokenized training and test examples;
 - the carved validation split: its class counts against the stratified share of the training data;
+- k-fold validation (small training sets): the held-out folds against a partition of the training data with
+  each class's share, each trial's score against the mean of its folds run one by one as plain trainings;
 - resuming: the trials in the storage after a killed and a resumed search against the total asked for;
 - the paired comparison: the Wilcoxon p against scipy.stats.wilcoxon on the numbers of the runs file;
 - the report: the Markdown table's numbers against the JSON, the PNG read back by matplotlib.
@@ -34,6 +36,7 @@ from hf_dreg.recipes.tune import (
     paired_comparison,
     parse_tune_args,
     run_tune,
+    stratified_folds,
     stratified_split,
 )
 from hf_dreg.search_space import LAMBDA_RANGE, DREGSearchSpace, default_hp_space
@@ -77,7 +80,8 @@ def _arguments(data_dir, output_dir, max_steps=30, **tune):
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, per_device_eval_batch_size=32,
         learning_rate=3e-3, use_cpu=True, report_to=[], disable_tqdm=True, dreg_kernels="eager", logging_steps=100, seed=0,
     )  # fmt: skip
-    values = dict(n_trials=2, seeds=[0, 1, 2], validation_fraction=0.25, search_lambda_min=100.0, search_lambda_max=1000.0)
+    # search_folds 1: these tests are of the single split (16 per class would be cross-validated by 'auto')
+    values = dict(n_trials=2, seeds=[0, 1, 2], validation_fraction=0.25, search_lambda_min=100.0, search_lambda_max=1000.0, search_folds=1)
     values.update(tune)
     return model_args, data_args, training_args, TuneArguments(**values)
 
@@ -444,6 +448,28 @@ def test_search_on_ray_tune(data_dir, tmp_path, tokenizer):
     assert 100 <= record["best_settings"]["dreg_lambda"] <= 1000
 
 
+@pytest.mark.slow
+def test_k_fold_search_on_ray_tune(data_dir, tmp_path, tokenizer):
+    ray = pytest.importorskip("ray")
+    from hf_dreg.recipes.classification import prepare_splits
+    from hf_dreg.recipes.featurize import Featurizer
+    from hf_dreg.recipes.tune import search
+
+    model_args, data_args, training_args, tune_args = _arguments(data_dir, tmp_path / "out", backend="ray", n_trials=2, search_folds=4)
+    splits, _ = prepare_splits(data_args, 0)
+    folds = stratified_folds(splits["train"]["label"], 4)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        record = search(Featurizer(model_args, data_args, splits["train"]), splits["train"], None, training_args, tune_args, folds=folds)
+    finally:
+        ray.shutdown()
+    assert (record["folds"], record["validation_items"]) == (4, 32) and len(record["trials"]) == 2
+    for trial in record["trials"]:
+        assert trial["state"] == "TERMINATED" and len(trial["fold_scores"]) == 4
+        assert trial["value"] == pytest.approx(np.mean(trial["fold_scores"]), rel=1e-12)
+    assert record["best_value"] == max(t["value"] for t in record["trials"])
+
+
 def test_missing_optional_packages_stop_the_run_before_any_training(tmp_path, monkeypatch):
     import importlib.util
 
@@ -482,3 +508,121 @@ def test_tied_trials_go_to_the_weakest_strength_and_say_so(caplog):
     assert len(said) == 1 and "3 of 4 trials tied at 1 on 8 validation items" in said[0]
     caplog.clear()
     assert pick_best(trials, "minimize").params["dreg_lambda"] == 1e-3 and not caplog.records
+
+
+# ---- k-fold validation for small training sets ------------------------------------------------------
+
+
+def test_k_folds_are_stratified_and_partition_the_training_data():
+    labels = [0] * 20 + [1] * 12 + [2] * 8
+    folds = stratified_folds(labels, 4, repeats=3, seed=5)
+    assert len(folds) == 12
+    for repeat in range(3):
+        held_outs = [held_out for _, held_out in folds[4 * repeat : 4 * repeat + 4]]
+        assert sorted(np.concatenate(held_outs).tolist()) == list(range(40))  # each example validated exactly once
+        for fit, held_out in folds[4 * repeat : 4 * repeat + 4]:
+            assert sorted(np.concatenate([fit, held_out]).tolist()) == list(range(40)) and not set(fit) & set(held_out)
+            assert np.bincount(np.asarray(labels)[held_out]).tolist() == [5, 3, 2]  # a quarter of each class
+    assert [h.tolist() for _, h in folds[:4]] != [h.tolist() for _, h in folds[4:8]]  # repeats reshuffle
+    assert all((a[1] == b[1]).all() for a, b in zip(folds, stratified_folds(labels, 4, repeats=3, seed=5)))  # seeded
+    with pytest.raises(ValueError, match="class 2 has 8.*--search_folds between 2 and 8"):
+        stratified_folds(labels, 9)
+
+    # 'auto': k-fold (k = 1 / validation_fraction) when a class has fewer than 50 examples, else the single split
+    few_shot, larger = [0, 1] * 16, [0, 1] * 64
+    assert TuneArguments().search_folds == "auto" and TuneArguments().folds_for(few_shot) == 5
+    assert TuneArguments(validation_fraction=0.25).folds_for(few_shot) == 4
+    assert TuneArguments().folds_for(larger) == 1 and TuneArguments().folds_for([0] * 200 + [1] * 30) == 5
+    assert TuneArguments().folds_for([0] * 40 + [1] * 3) == 3  # no more folds than the smallest class has examples
+    assert TuneArguments(search_folds=1).folds_for(few_shot) == 1 and TuneArguments(search_folds="3").folds_for(larger) == 3
+    for bad in ("0", "two", "-2"):
+        with pytest.raises(ValueError, match="--search_folds must be 'auto' or an integer >= 1"):
+            TuneArguments(search_folds=bad)
+    assert parse_tune_args(["configs/tune_minilm_sst2.yaml"])[3].search_folds == "auto"  # 64 per class: the single split
+    tune_args = parse_tune_args(["--model_type", "bert", "--data_dir", "d", "--output_dir", "o", "--search_folds", "4", "--search_fold_repeats", "2"])[3]
+    assert (tune_args.search_folds, tune_args.search_fold_repeats) == ("4", 2)
+
+
+def test_few_shot_search_scores_each_trial_on_all_32_training_examples(data_dir, tmp_path, monkeypatch, tokenizer):
+    """The issue's case (2 classes x 16), through the real entry point with the default flags: each trial is trained
+    and scored on every fold of a stratified 4-fold split of the 32 training examples, its score the mean of its
+    folds; each fold run on its own as a plain DREG training gives the same scores."""
+    from hf_dreg.recipes import tune
+    from hf_dreg.recipes.classification import prepare_splits
+    from hf_dreg.recipes.featurize import Featurizer
+
+    spy = DataSpy(monkeypatch)
+    output = tmp_path / "out"
+    flags = ["--model_type", "bert", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+             "--intermediate_size", "32", "--max_seq_length", "16", "--data_dir", str(data_dir), "--output_dir", str(output),
+             "--max_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--use_cpu", "--report_to", "none",
+             "--disable_tqdm", "true", "--dreg_kernels", "eager", "--seed", "0", "--n_trials", "2", "--seeds", "0",
+             "--validation_fraction", "0.25", "--search_lambda_min", "0.01", "--search_lambda_max", "1", "--search_metric", "loss"]  # fmt: skip
+    results = tune.main(flags)
+    train = _tokenized(tokenizer, data_dir / "train.jsonl")
+
+    search = results["search"]
+    assert search["validation_items"] == 32 and (search["folds"], search["fold_repeats"]) == (4, 1)
+    assert results["data"]["search_validation_examples"] == 32 and results["data"]["search_folds"] == 4
+    fit_sets, held_out_sets = spy.of("search", "train"), spy.of("search", "eval")
+    assert len(fit_sets) == len(held_out_sets) == 8  # 2 trials x 4 folds, each trained and scored once
+    for trial in range(2):
+        folds = list(zip(fit_sets[4 * trial : 4 * trial + 4], held_out_sets[4 * trial : 4 * trial + 4]))
+        assert sorted(e for _, (held_out, _) in folds for e in held_out) == sorted(train)  # every example scored once
+        for (fit, _), (held_out, labels) in folds:
+            assert set(fit) | set(held_out) == set(train) and not set(fit) & set(held_out)
+            assert sorted(labels) == [0] * 4 + [1] * 4 and all(train[e] == label for e, label in zip(held_out, labels))
+    assert [e for _, (e, _) in folds] == [e for _, (e, _) in zip(fit_sets[:4], held_out_sets[:4])]  # same folds per trial
+
+    # the trial's score is the mean of its fold scores, and each fold score is what that fold gives trained on its own
+    assert all(len(t["fold_scores"]) == 4 and t["value"] == pytest.approx(np.mean(t["fold_scores"]), rel=1e-12) for t in search["trials"])
+    best = next(t for t in search["trials"] if t["number"] == search["best_trial"])
+    assert best["value"] == min(t["value"] for t in search["trials"])  # loss: minimised
+    model_args, data_args, training_args, tune_args = parse_tune_args(flags)
+    splits, _ = prepare_splits(data_args, 0)
+    featurizer = Featurizer(model_args, data_args, splits["train"])
+    features = featurizer.features(splits["train"])
+    alone = []
+    for i, (fit, held_out) in enumerate(stratified_folds(splits["train"]["label"], 4, seed=0)):
+        args = tune.derive_args(training_args, search["best_settings"], output_dir=str(tmp_path / f"fold{i}"), save_strategy="no")
+        trainer = DREGTrainer(model_init=featurizer.model_init, args=args, train_dataset=features.select(fit),
+                              processing_class=featurizer.processor, data_collator=featurizer.collator)  # fmt: skip
+        trainer.train()
+        alone.append(trainer.evaluate(features.select(held_out))["eval_loss"])
+        assert _examples(features.select(held_out)) == held_out_sets[i][0]  # the folds the search used
+    assert best["fold_scores"] == pytest.approx(alone, rel=1e-6)  # bit-equal on our CPU
+    assert max(alone) - min(alone) > 1e-3  # the folds differ: the comparison can tell them apart
+
+    # the report and the JSON say how the trials were validated
+    report = (output / "TUNE_REPORT.md").read_text()
+    assert "stratified 4-fold cross-validation of the 32 training examples" in report
+    assert "each trial was scored on 32 validation items (8 per fold)" in report
+    rows = [line for line in report.splitlines() if line.startswith(f"| {best['number']} | dreg_lambda=")]
+    assert len(rows) == 1 and rows[0].endswith(" | ".join(f"{v:.4g}" for v in best["fold_scores"]) + f" | {best['value']:.4g} |")
+    saved = json.loads((output / RESULTS_FILE).read_text())
+    assert saved["search"]["trials"] == search["trials"] and saved["search"]["validation_items"] == 32
+
+    # the study keeps how it validated: resuming it with the single split is refused (before any training)
+    with pytest.raises(ValueError, match=r"by 4-fold cross-validation x1, not on one validation split: pass --search_folds 4"):
+        tune.main([*flags, "--search_folds", "1"])
+
+
+def test_tied_folds_go_to_the_weakest_strength_and_give_the_fold_scores(caplog):
+    import logging
+
+    from optuna.distributions import FloatDistribution
+
+    from hf_dreg.recipes.tune import pick_best
+
+    trials = []
+    for number, (value, strength) in enumerate([(1.0, 300.0), (0.75, 0.5), (1.0, 2.0)]):
+        t = optuna.trial.create_trial(value=value, params={"dreg_lambda": strength}, distributions={"dreg_lambda": FloatDistribution(1e-3, 1e3, log=True)},
+                                      user_attrs={"fold_scores": [value] * 4})  # fmt: skip
+        t.number = number
+        trials.append(t)
+    with caplog.at_level(logging.WARNING):
+        best = pick_best(trials, "maximize", validation_items=32, folds=4)
+    assert best.number == 2
+    said = [r.getMessage() for r in caplog.records if "tied" in r.getMessage()]
+    assert len(said) == 1 and "2 of 3 trials tied at 1 on 32 validation items (4-fold cross-validation" in said[0]
+    assert "trial 0: [1, 1, 1, 1]; trial 2: [1, 1, 1, 1]" in said[0] and "--search_fold_repeats" in said[0]
