@@ -338,3 +338,33 @@ def gradients(loss: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
 
 def norm_of(grads: dict) -> float:
     return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+# ---- the own-loop scripts (scripts/*_no_trainer.py): their saved weights and their runs under torchrun ----------
+
+
+def saved_weights(folder, auto_class) -> dict[str, torch.Tensor]:
+    """The float64 parameters of the model a script saved in ``folder`` (``auto_class``: an AutoModelFor... class)."""
+    model = auto_class.from_pretrained(folder, dtype=torch.float64)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def update_gap(a: dict, b: dict, init: dict) -> float:
+    """The largest difference of two updated weight sets, relative to ``b``'s largest update from ``init``."""
+    update = max(float((b[n] - init[n]).abs().max()) for n in b)
+    return max(float((a[n] - b[n]).abs().max()) for n in b) / update
+
+
+def run_two_processes(script, flags: list[str], port: int) -> None:
+    """``script`` with ``flags`` in 2 gloo processes on this CPU (torch.distributed.run, accelerate launch --cpu)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script), *flags]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]

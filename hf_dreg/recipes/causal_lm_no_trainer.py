@@ -20,13 +20,21 @@ import math
 
 import torch
 import transformers as tf
-from tqdm.auto import tqdm
 
 from ..modeling.hooks import attach
 from ..modeling.positions import count_positions
 from .data import check_columns, load_file
 from .models import check_activations_before_loading, resolve_checkpoint
-from .own_loop import DTYPES, add_loop_arguments, check_loop_arguments, make_accelerator, make_optimizer, optimizer_steps, save_and_push
+from .own_loop import (
+    DTYPES,
+    StepLog,
+    add_loop_arguments,
+    check_loop_arguments,
+    make_accelerator,
+    make_optimizer,
+    optimizer_steps,
+    save_and_push,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,9 +85,8 @@ def train(args: argparse.Namespace) -> dict:
     steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scale = args.gradient_accumulation_steps * accelerator.num_processes  # what accelerate and DDP divide by
-    bar = tqdm(total=max_steps, desc="train", disable=not accelerator.is_local_main_process)
-    logged = []
-    step = 0
+    log = StepLog(max_steps, accelerator)
+    dreg = None
     model.train()
     for micro in optimizer_steps(loader, args.gradient_accumulation_steps, max_steps):
         items = accelerator.reduce(target_tokens(micro).to(accelerator.device), "sum")
@@ -98,19 +105,13 @@ def train(args: argparse.Namespace) -> dict:
                 optimizer.step()
                 optimizer.zero_grad()
             task_share += float(task.detach())
-        step += 1
         if accelerator.num_processes > 1:  # the step's mean token loss over every process's tokens
             task_share = float(accelerator.reduce(torch.tensor(task_share, device=accelerator.device), "sum"))
-        entry = {"step": step, "task_loss": task_share}
-        if handle is not None:
-            entry["dreg_share"] = float(dreg.detach())
-        logged.append(entry)
-        bar.update(1)
-        bar.set_postfix(loss=f"{entry['task_loss']:.4g}")
-    bar.close()
+        log.add(task_share, dreg)
+    logged = log.close()
     if handle is not None:
         handle.detach()  # the saved model is a plain transformers checkpoint
-    metrics = {"train_steps": step}
+    metrics = {"train_steps": len(logged)}
     if eval_data is not None:
         model.eval()
         eval_loader = accelerator.prepare(torch.utils.data.DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collator))

@@ -13,13 +13,21 @@ import json
 
 import torch
 import transformers as tf
-from tqdm.auto import tqdm
 
 from ..modeling.hooks import attach
 from ..modeling.positions import count_positions
 from .data import check_columns, load_file
 from .models import check_activations_before_loading, resolve_checkpoint
-from .own_loop import DTYPES, add_loop_arguments, check_loop_arguments, make_accelerator, make_optimizer, optimizer_steps, save_and_push
+from .own_loop import (
+    DTYPES,
+    StepLog,
+    add_loop_arguments,
+    check_loop_arguments,
+    make_accelerator,
+    make_optimizer,
+    optimizer_steps,
+    save_and_push,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,9 +81,8 @@ def train(args: argparse.Namespace) -> dict:
     # accelerate divides each micro-batch's loss by the accumulation steps and DDP averages over processes:
     # the DREG shares (each site's sum / the step's valid positions) are scaled back by both
     scale = args.gradient_accumulation_steps * accelerator.num_processes
-    bar = tqdm(total=max_steps, desc="train", disable=not accelerator.is_local_main_process)
-    logged = []
-    step = 0
+    log = StepLog(max_steps, accelerator)
+    dreg = None
     model.train()
     for micro in optimizer_steps(loader, args.gradient_accumulation_steps, max_steps):
         counts = {}
@@ -91,17 +98,11 @@ def train(args: argparse.Namespace) -> dict:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-        step += 1
-        entry = {"step": step, "task_loss": float(task.detach())}
-        if handle is not None:
-            entry["dreg_share"] = float(dreg.detach())
-        logged.append(entry)
-        bar.update(1)
-        bar.set_postfix(loss=f"{entry['task_loss']:.4g}")
-    bar.close()
+        log.add(float(task.detach()), dreg)
+    logged = log.close()
     if handle is not None:
         handle.detach()  # the saved model is a plain transformers checkpoint
-    metrics = {"train_steps": step}
+    metrics = {"train_steps": len(logged)}
     if eval_data is not None:
         model.eval()
         eval_loader = accelerator.prepare(torch.utils.data.DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collator))

@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+from tqdm.auto import tqdm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -81,6 +82,27 @@ def optimizer_steps(loader, accumulation: int, max_steps: int):
                 break
             step += 1
             yield micro
+
+
+class StepLog:
+    """Every optimizer step's task loss (and DREG share) as ``all_results.json``'s ``log_history``, with the
+    progress bar (on the local main process)."""
+
+    def __init__(self, max_steps: int, accelerator):
+        self.entries: list[dict] = []
+        self.bar = tqdm(total=max_steps, desc="train", disable=not accelerator.is_local_main_process)
+
+    def add(self, task_loss: float, dreg=None) -> None:
+        entry = {"step": len(self.entries) + 1, "task_loss": task_loss}
+        if dreg is not None:
+            entry["dreg_share"] = float(dreg.detach())
+        self.entries.append(entry)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{task_loss:.4g}")
+
+    def close(self) -> list[dict]:
+        self.bar.close()
+        return self.entries
 
 
 def save_and_push(accelerator, model, tokenizer, args, results: dict, message: str) -> None:
