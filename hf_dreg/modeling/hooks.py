@@ -3,10 +3,12 @@
 Hooks only: nothing is added to the state dict and no module is replaced, so a checkpoint saved
 while attached is a vanilla transformers checkpoint and ``detach()`` restores the model exactly.
 
-Each feeding layer's hook reads its weight rows inside its own forward (where FSDP/ZeRO-3 have
+Each feeding layer's hook reads its weight rows inside its own forward (where FSDP has
 materialised them); each activation's hook computes the per-position penalty of its site with the
 custom autograd Functions of :mod:`hf_dreg.ops.functions`. A forward pre-hook on the model resets the
-record and remembers the attention masks it was called with.
+record and remembers the attention masks it was called with. On a model sharded with FSDP2 two identity
+nodes keep the penalty's backward inside each sharded unit's own (:mod:`hf_dreg.modeling.sharding`); DeepSpeed
+ZeRO-3's partitioned weights are refused.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..ops.low_rank import (
 from .fused_mlps import fused_mlp_spec, unfused_activation
 from .layers import penalty_weight_rows
 from .positions import position_masks
+from .sharding import Tie, check_zero3, first_grad_tensor, fsdp2_owner, gate
 from .sites import FUSED_MLP, PLAIN, Site, find_sites
 
 # model -> its attached handle: a model carries at most one DREG attachment at a time
@@ -101,9 +104,21 @@ class DREGHandle:
             self._triton = triton_functions
         self.fused = self.kernels == "compiled"
         # the frozen LoRA bases' own row statistics, per site: (signature of the bases, statistics); not kept
-        # where the weights are sharded (FSDP, ZeRO-3 gather them into storage that other layers reuse)
+        # where the weights are sharded (FSDP gathers them into storage it frees and refills)
         self._base_stats: dict[str, tuple] = {}
         self._cache_bases = not _sharded(model)
+        modules = dict(model.named_modules())
+        self._layers = {path: modules[path] for site in sites for path in (site.gate, site.up) if path}
+        check_zero3(model)
+        self._first_weight = next((p for m in self._layers.values() for p in m.parameters()), None)
+        # FSDP2: the units holding the feeding layers' weights, found again whenever a module of the feeding
+        # layers' ancestry changes class (fully_shard does that), so that sharding after attach is seen
+        self._ancestry = self._ancestry_of(modules)
+        self._ancestry_key = None
+        self._site_owners: dict[str, tuple] = {}  # site -> the FSDP2 units its weights belong to
+        self._owner_hooks = []
+        self._pending: dict = {}  # FSDP2 unit -> the sites recorded in its current forward
+        self._read = None  # under FSDP2: each weight the penalty reads passes a Gate anchored at the layer's output
         self._records: dict[str, Tensor] = {}
         self._masks: dict[str, Tensor] = {}
         self._recording = True
@@ -111,7 +126,6 @@ class DREGHandle:
         self._pieces = {site.name: _Pieces() for site in sites}
         self._hooks = []
         self._forwards = []  # (module, its own instance forward or None): the MLP forwards replaced, restored by detach()
-        modules = dict(model.named_modules())
         self._specs = {
             site.name: fused_mlp_spec(modules[site.name]) if site.kind == FUSED_MLP else spec_for(modules[site.name]) for site in sites
         }
@@ -132,6 +146,7 @@ class DREGHandle:
         except (TypeError, ValueError):
             self._signature = None
         self._hooks.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._sync_sharding()
         _ATTACHED[model] = self
 
     @property
@@ -144,12 +159,71 @@ class DREGHandle:
         self._forwards.append((module, module.__dict__.get("forward")))
         module.forward = forward
 
+    # ---- sharded models -------------------------------------------------------------------------
+
+    def _ancestry_of(self, modules: dict) -> tuple[list, dict]:
+        """(every module on the path from the model to a feeding layer, feeding layer -> its chain upwards)."""
+        chains, seen = {}, {}
+        for path in self._layers:
+            parts = path.split(".") if path else []
+            chain = [modules[".".join(parts[:i])] for i in range(len(parts), -1, -1)]
+            chains[path] = chain
+            for m in chain:
+                seen[id(m)] = m
+        return list(seen.values()), chains
+
+    def _sync_sharding(self) -> None:
+        """Find the FSDP2 units again if ``fully_shard`` changed a module since the last call (a tuple of classes:
+        microseconds per forward on an unsharded model), and refuse ZeRO-3 weights partitioned after attach."""
+        if self._first_weight is not None and hasattr(self._first_weight, "ds_id"):  # deepspeed.initialize after attach
+            check_zero3(self.model)
+        candidates, chains = self._ancestry
+        key = tuple(type(m) for m in candidates)
+        if key == self._ancestry_key:
+            return
+        self._ancestry_key = key
+        for h in self._owner_hooks:
+            h.remove()
+        self._owner_hooks, self._site_owners, self._pending = [], {}, {}
+        owners = {path: fsdp2_owner(chain) for path, chain in chains.items()}
+        for site in self.sites:
+            found = [owners[p] for p in (site.gate, site.up) if p and owners[p] is not None]
+            if found:
+                self._site_owners[site.name] = tuple(dict.fromkeys(found))
+        units = list(dict.fromkeys(u for us in self._site_owners.values() for u in us))
+        for unit in units:
+            # prepended: before FSDP2's own post-forward hook, which registers its pre-backward hook on the outputs
+            self._owner_hooks.append(unit.register_forward_hook(self._unit_hook, prepend=True))
+        self._read = self._gated_read if units else None
+        if units:  # gathered weights live in storage FSDP2 frees and refills: never cache their statistics
+            self._cache_bases = False
+            self._base_stats = {}
+
+    def _gated_read(self, anchor):
+        return lambda w: gate(w, anchor)
+
+    def _unit_hook(self, module, args, output):
+        """The end of an FSDP2 unit's forward: its output and the penalties recorded in it through one :class:`Tie`."""
+        names = self._pending.pop(module, None)
+        if not names:
+            return None
+        names = [n for n in dict.fromkeys(names) if n in self._records]
+        found, put = first_grad_tensor(output)
+        if found is None or not names or not torch.is_grad_enabled():
+            return None
+        tied = Tie.apply(found, *(self._records[n] for n in names))
+        for name, p in zip(names, tied[1:]):
+            self._records[name] = p
+        return put(tied[0])
+
     # ---- hooks ----------------------------------------------------------------------------------
 
     def _on_model_call(self, module, args, kwargs):
+        self._sync_sharding()
         self._records = {}
         self._last = {}
         self._pieces = {site.name: _Pieces() for site in self.sites}  # nothing left from a call outside a forward
+        self._pending = {}
         self._recording = True
         if args and self._signature is not None:
             try:
@@ -160,7 +234,7 @@ class DREGHandle:
 
     def _layer_hook(self, entries):
         def hook(module, args, output):
-            w = penalty_weight_rows(module)
+            w = penalty_weight_rows(module) if self._read is None else penalty_weight_rows(module, self._read(output))
             for site, role in entries:
                 pieces = self._pieces[site.name]
                 if role == "gate":
@@ -233,6 +307,8 @@ class DREGHandle:
         self._pieces[site.name] = _Pieces()
         if self._recording:  # off while gradient checkpointing recomputes a layer in backward
             self._records[site.name] = p
+            for unit in self._site_owners.get(site.name, ()):
+                self._pending.setdefault(unit, []).append(site.name)
 
     def _maybe_fire(self, site: Site, at_activation: bool = False) -> Tensor | None:
         """Compute the site's p once its pieces are in; returns the activation's new output, if any.
@@ -392,9 +468,9 @@ class DREGHandle:
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as it was before attach()."""
-        for h in self._hooks:
+        for h in self._hooks + self._owner_hooks:
             h.remove()
-        self._hooks = []
+        self._hooks, self._owner_hooks, self._site_owners, self._pending, self._read = [], [], {}, {}, None
         for module, own in reversed(self._forwards):
             if own is None:
                 module.__dict__.pop("forward", None)
@@ -478,5 +554,6 @@ def attach(model: nn.Module, activations="gelu", exclude_modules=None, kernels: 
     """
     if fused is not None:
         warnings.warn("attach(fused=...) is deprecated: use kernels='compiled' or kernels='eager'.", FutureWarning, stacklevel=2)
+    check_zero3(model)  # before the probe forward, which ZeRO-3's hooks would confuse
     sites = find_sites(model, activations=activations, exclude_modules=exclude_modules, inputs=inputs)
     return DREGHandle(model, sites, kernels=kernels, fused=fused)

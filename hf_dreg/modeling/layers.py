@@ -126,47 +126,58 @@ def check_supported(module: nn.Module) -> None:
                     )
 
 
-def _stored_weight(module: nn.Module) -> Tensor:
+def _read(t: Tensor) -> Tensor:
+    return t
+
+
+def _stored_weight(module: nn.Module, read=_read) -> Tensor:
     """The effective weight in the innermost layer's storage layout (Conv1D: (in, out))."""
     if not is_adapter_layer(module):
-        return module.weight
+        return read(module.weight)
     check_supported(module)
     kind = adapter_kind(module)
-    weight = _stored_weight(module.base_layer)
+    weight = _stored_weight(module.base_layer, read)
     for adapter in _active_adapters(module, kind):
-        weight = weight + module.get_delta_weight(adapter)
+        weight = weight + read(module.get_delta_weight(adapter))
     return weight
 
 
-def weight_rows(module: nn.Module) -> Tensor:
+def weight_rows(module: nn.Module, read=_read) -> Tensor:
     """The effective weight as (out_features, in_features): row i feeds hidden unit i.
 
     Read it inside the layer's own forward (a forward hook), so that sharded weights (FSDP, ZeRO-3)
     are materialised when read. For a PEFT adapter layer the active, unmerged adapters are added, so
     the penalty is that of the layer as it computes, and its gradient reaches the adapters. Raises
     :class:`UnsupportedLayerError` for adapter types whose forward is not base + delta (see the module doc).
+
+    ``read`` is applied to every parameter read (and to each adapter's delta weight, which PEFT computes
+    from its own parameters); the identity by default (see :func:`penalty_weight_rows`).
     """
-    return _as_rows(base_of(module), _stored_weight(module))
+    return _as_rows(base_of(module), _stored_weight(module, read))
 
 
-def penalty_weight_rows(module: nn.Module) -> Tensor | LowRankRows:
+def penalty_weight_rows(module: nn.Module, read=_read) -> Tensor | LowRankRows:
     """:func:`weight_rows` as the penalty reads it: a LoRA layer's as its factors, never formed.
 
     For a LoRA layer (``peft.tuners.lora.layer.Linear``) with active adapters on a plain base layer the
     rows are :class:`~hf_dreg.ops.low_rank.LowRankRows`: the base weight, ``scaling * lora_B`` of every
     active adapter and their ``lora_A``, stacked; :mod:`hf_dreg.ops.low_rank` computes the row statistics
     from them without the dense (out, in) weight. Any other layer gives :func:`weight_rows`.
+
+    ``read`` is applied to every parameter as it is read, before any arithmetic on it (the identity by
+    default): under FSDP2 :class:`~hf_dreg.modeling.hooks.DREGHandle` passes each parameter through a node
+    that orders the penalty's gradient of it before the layer's own backward.
     """
     if not is_adapter_layer(module) or adapter_kind(module) != "LoRA" or is_adapter_layer(module.base_layer):
-        return weight_rows(module)
+        return weight_rows(module, read)
     check_supported(module)
     adapters = _active_adapters(module, "LoRA")
     if not adapters:
-        return weight_rows(module)
-    base = _as_rows(module.base_layer, module.base_layer.weight)
+        return weight_rows(module, read)
+    base = _as_rows(module.base_layer, read(module.base_layer.weight))
     dtype = compute_dtype(torch.promote_types(base.dtype, module.lora_B[adapters[0]].weight.dtype))
-    up = torch.cat([module.lora_B[a].weight.to(dtype) * module.scaling[a] for a in adapters], dim=1)
-    down = torch.cat([module.lora_A[a].weight.to(dtype) for a in adapters], dim=0)
+    up = torch.cat([read(module.lora_B[a].weight).to(dtype) * module.scaling[a] for a in adapters], dim=1)
+    down = torch.cat([read(module.lora_A[a].weight).to(dtype) for a in adapters], dim=0)
     return LowRankRows(base, up, down)
 
 

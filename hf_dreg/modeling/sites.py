@@ -387,6 +387,7 @@ def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Sit
                     raise _meta_error(model, error) from error
     finally:
         model.train(was_training)
+        _reshard_fsdp2(model)
         for h in handles:
             h.remove()
         for module, own in own_forwards:
@@ -398,6 +399,18 @@ def _probe(model: nn.Module, inputs: dict, meta: bool = False) -> tuple[list[Sit
     sites += [_fused_mlp_site(names[m], spec, fused_inputs[names[m]], inputs, layers) for m, spec in fused.items() if names[m] in fused_inputs]
     called = {name for kind, name, _, _ in events if kind == "return"}
     return sites, activation_classes, layers, called
+
+
+def _reshard_fsdp2(model: nn.Module) -> None:
+    """After the probe, every FSDP2 unit holds its sharded parameters again: FSDP2 keeps the root's gathered after
+    a forward (for the backward that follows in training), and ``model.parameters()`` would give those instead."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _fused_mlp_site(name: str, spec, x: Tensor, inputs, layers) -> Site:

@@ -9,8 +9,10 @@ an independent run:
 
 - ``bf16``: bf16 autocast, 2 x 4 accumulation against one batch of 8 (both bf16), and the bf16 update
   against the float32 update (the penalty is computed in float32 whatever the autocast dtype);
-- ``fsdp``: FSDP (fully sharded, wrapped per BertLayer) against the same training without FSDP,
-  weights after two steps, float32; launched with torchrun (one process per GPU);
+- ``fsdp``: FSDP2 (fully sharded, wrapped per BertLayer, its default ``reshard_after_forward: true``)
+  against the same training without FSDP, weights after two steps, float32; launched with torchrun (one
+  process per GPU; several processes with default resharding are tests/modeling/test_sharded.py's, on CPU,
+  outside the Trainer, which runs FSDP only on accelerators);
 - ``ddp``: 2 processes x 4 against 1 process x 8 (needs two GPUs; with one GPU it says so and skips);
 - ``kernels``: the triton kernel family (compiled by triton for this GPU, not interpreted) against the eager
   one: the Trainer's float32 update of the BERT classifier, and the penalty and gradients of a tiny Gemma-2
