@@ -266,7 +266,7 @@ class DREGHandle:
             pieces = self._pieces[site.name]
             if pieces.w_gate is None or pieces.w_up is None:  # the layers' hooks did not run (a hook-less call): no penalty
                 return down(act(g) * u)
-            if self.kernels == "triton":
+            if self._direct_kernels():
                 stats, dense = self._gated_stats(site, pieces)
                 h, p = self._triton.gated_site(g, None, u, stats, spec, from_weight=dense, product=True)
             else:
@@ -279,6 +279,15 @@ class DREGHandle:
             return down(h)
 
         return forward
+
+    def _direct_kernels(self) -> bool:
+        """Whether this pass calls the Triton kernels directly: the triton family, outside a torch.compile trace.
+
+        Inside the model's own compiled graph (``torch_compile=True``) the sites are the same autograd Functions
+        with torch operators, traced into that graph (inductor generates and fuses their kernels there, and the
+        whole graph is one call): no graph break, no per-site host cost to remove.
+        """
+        return self.kernels == "triton" and not torch.compiler.is_compiling()
 
     def _gated_stats(self, site, pieces) -> tuple[tuple, bool]:
         """(the weights, True) for dense weights, else (their row statistics, False) (LoRA's, from the factors)."""
@@ -324,7 +333,7 @@ class DREGHandle:
             return None
         spec = self._specs[site.name]
         with_output = at_activation and isinstance(pieces.a, Tensor)
-        if self.kernels == "triton":
+        if self._direct_kernels():
             output, p = self._fire_triton(site, pieces, spec, with_output)
         else:
             output, p = self._fire_torch(site, pieces, spec, with_output)

@@ -4,7 +4,9 @@
 is read after it. Here the model's forward and the penalty are compiled together, with dynamo's
 ``explain`` (graph breaks, cold) and with ``fullgraph=True`` on the ``aot_eager`` backend (forward and
 backward traced, no code generation: fast enough for the default suite), against the same step uncompiled.
-The triton family's kernels cannot be traced on a CPU (the interpreter runs numpy): checked on the GPU.
+The triton family calls its kernels directly only outside a trace: inside the model's compiled graph its sites
+are the same autograd Functions with torch operators (hf_dreg.modeling.hooks.DREGHandle._direct_kernels), so
+it is checked here like the others (TRITON_INTERPRET=1, conftest.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import torch
 from tiny_models import tiny_inputs, tiny_model
 
 import hf_dreg
+
+
+def _attachable(kernels):
+    if kernels == "triton":
+        pytest.importorskip("triton", reason="triton is in the test extra: pip install -e '.[test]'")
 
 
 def _model(family):
@@ -34,8 +41,10 @@ def _step(model, handle):
 
 
 @pytest.mark.parametrize("family, kernels", [("bert", "eager"), ("gpt2", "eager"), ("gemma", "eager"), ("gemma+lora", "eager"),
-                                             ("t5", "eager"), ("bert", "compiled"), ("gemma", "compiled")])  # fmt: skip
+                                             ("t5", "eager"), ("bert", "compiled"), ("gemma", "compiled"),
+                                             ("bert", "triton"), ("gemma+lora", "triton")])  # fmt: skip
 def test_the_model_and_the_penalty_compile_without_a_graph_break(family, kernels):
+    _attachable(kernels)
     model, inputs = _model(family)
     torch._dynamo.reset()
     with hf_dreg.attach(model, activations="all", kernels=kernels) as handle:
@@ -44,8 +53,9 @@ def test_the_model_and_the_penalty_compile_without_a_graph_break(family, kernels
     assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("family, kernels", [("bert", "eager"), ("gemma+lora", "eager"), ("gemma", "compiled")])
+@pytest.mark.parametrize("family, kernels", [("bert", "eager"), ("gemma+lora", "eager"), ("gemma", "compiled"), ("gemma+lora", "triton")])
 def test_a_fullgraph_compiled_step_gives_the_uncompiled_loss_and_gradients(family, kernels):
+    _attachable(kernels)
     model, inputs = _model(family)
     params = [p for p in model.parameters() if p.requires_grad]
     with hf_dreg.attach(model, activations="all", kernels=kernels) as handle:
