@@ -14,6 +14,7 @@ quantized LoRA layers...) is refused by name with :class:`UnsupportedLayerError`
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -168,17 +169,44 @@ def penalty_weight_rows(module: nn.Module, read=_read) -> Tensor | LowRankRows:
     default): under FSDP2 :class:`~hf_dreg.modeling.hooks.DREGHandle` passes each parameter through a node
     that orders the penalty's gradient of it before the layer's own backward.
     """
-    if not is_adapter_layer(module) or adapter_kind(module) != "LoRA" or is_adapter_layer(module.base_layer):
-        return weight_rows(module, read)
-    check_supported(module)
-    adapters = _active_adapters(module, "LoRA")
+    adapters = _checked_lora_adapters(module)
     if not adapters:
         return weight_rows(module, read)
     base = _as_rows(module.base_layer, read(module.base_layer.weight))
     dtype = compute_dtype(torch.promote_types(base.dtype, module.lora_B[adapters[0]].weight.dtype))
-    up = torch.cat([read(module.lora_B[a].weight).to(dtype) * module.scaling[a] for a in adapters], dim=1)
-    down = torch.cat([read(module.lora_A[a].weight).to(dtype) for a in adapters], dim=0)
-    return LowRankRows(base, up, down)
+    ups = [_in_dtype(read(module.lora_B[a].weight), dtype) * module.scaling[a] for a in adapters]
+    downs = [_in_dtype(read(module.lora_A[a].weight), dtype) for a in adapters]
+    if len(adapters) == 1:  # the usual case: no stacking (one operator and one node fewer each way)
+        return LowRankRows(base, ups[0], downs[0])
+    return LowRankRows(base, torch.cat(ups, dim=1), torch.cat(downs, dim=0))
+
+
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+_LORA_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (its adapter state, the adapters)
+
+
+def _checked_lora_adapters(module: nn.Module) -> list[str] | None:
+    """The active adapters of a LoRA layer on a plain base, checked as supported; None for any other layer.
+
+    Read at every forward (a training step reads each feeding layer once): the check runs again only when the
+    layer's adapter state (active, held, merged, disabled) has changed since the last read.
+    """
+    state = None
+    if getattr(module, "lora_A", None) is not None:
+        state = (tuple(module.active_adapters), tuple(module.lora_A.keys()), module.merged, module.disable_adapters)
+        cached = _LORA_CHECKS.get(module)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+    if not is_adapter_layer(module) or adapter_kind(module) != "LoRA" or is_adapter_layer(module.base_layer):
+        return None
+    check_supported(module)
+    adapters = _active_adapters(module, "LoRA")
+    if state is not None:
+        _LORA_CHECKS[module] = (state, adapters)
+    return adapters
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:

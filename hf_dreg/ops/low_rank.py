@@ -56,6 +56,11 @@ def _dtype(*weights) -> torch.dtype:
     return dtype
 
 
+def stats_dtype(*weights) -> torch.dtype:
+    """The dtype the row statistics of these weights (dense or :class:`LowRankRows`) are computed in."""
+    return compute_dtype(_dtype(*weights))
+
+
 def _base(w: Tensor | LowRankRows) -> Tensor:
     return w.base if isinstance(w, LowRankRows) else w
 
@@ -157,126 +162,97 @@ def gated_site_penalty_low_rank(g, a, u, w_g, w_u, spec, fused: bool = False):
 # ---- LoRA row statistics as one node (the triton family) -------------------------------------------------
 
 
-def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(-1)
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class LowRankStats(torch.autograd.Function):
-    """The row statistics of LoRA-fed weights as one autograd node with a hand-written backward.
+    """The row statistics of a site's LoRA-fed weights as one node, as Gram matrices of stacked rows.
 
-    Each weight is a frozen base W0 plus, optionally, its factors U (out, R) and D (R, in) (see
-    :class:`LowRankRows`); ``base_stats`` are the bases' own statistics, (||W0_i||^2,) for a plain site,
-    (||G0_i||^2, ||U0_i||^2, <G0_i, U0_i>) for a gated one, which carry no gradient (computed once per
-    version of the frozen bases). Returns r, or (rg, ru, c): the formulas of this module's docstring, with
-    the products ``W0 D^T`` in the bases' dtype as there, the rest in the statistics' dtype. Saves the
-    factors and the (out, R) products for backward, never an (out, in) tensor.
+    A site reads n weights (1: plain, 2: gated), each a frozen base B_j plus, optionally, factors U_j (out, R_j),
+    D_j (R_j, in). With D the present factors' D_j stacked (Rt, in) and V_j the U_j placed at their own columns
+    of Rt (zeros elsewhere), W_j = B_j + V_j D, and per row i the (n, n) Gram matrix of the rows W_j,i is
+
+        Gram_i = B_i + V_i Y_i^T + Y_i V_i^T + V_i (D D^T) V_i^T,     Y_j,i = (B_j D^T)_i,
+
+    where B_i is the bases' own Gram matrix (``base_gram``, (out, n, n), no gradient: computed once per version
+    of the frozen bases). Every step is a few batched products, forward and backward (the statistics' gradient
+    Gamma_i as a symmetric (n, n) matrix: dV = 2 Gamma (Y + V G), dY = 2 Gamma V, dG = sum V^T Gamma V). The
+    products ``B_j D^T`` are taken in the bases' dtype (no copy of a base), the rest in ``base_gram``'s. Returns
+    r (plain) or (rg, ru, c) (gated), each contiguous; saves (out, n, Rt) tensors, never an (out, in) one.
     """
 
     @staticmethod
-    def forward(ctx, base_stats, g0, ug, dg, u0, uu, du):
-        dtype = base_stats[0].dtype
-        gated = u0 is not None
-
-        def proj(w0, d):  # (w0 D^T) in w0's dtype, as _cross computes it
-            return (w0 @ d.to(w0.dtype).t()).to(dtype)
-
-        Ug, Dg = (ug.to(dtype), dg.to(dtype)) if ug is not None else (None, None)
-        Uu, Du = (uu.to(dtype), du.to(dtype)) if uu is not None else (None, None)
-        rg = base_stats[0]
-        saved = {}
-        if Ug is not None and not (gated and Uu is not None):
-            saved["Pgg"], saved["UgGgg"] = proj(g0, dg), Ug @ (Dg @ Dg.t())
-            rg = rg + 2.0 * _dot_rows(Ug, saved["Pgg"]) + _dot_rows(saved["UgGgg"], Ug)
-        ctx.gated, ctx.dtypes = gated, (g0.dtype, None if ug is None else ug.dtype, None if uu is None else uu.dtype)
-        ctx.both = gated and ug is not None and uu is not None
-        ctx.has = (Ug is not None, Uu is not None)
-        if not gated:
-            ctx.save_for_backward(g0, Ug, Dg, saved.get("Pgg"), saved.get("UgGgg"))
-            return rg
-        ru, c = base_stats[1], base_stats[2]
-        if Ug is not None and Uu is not None:  # both factored: the two weights' factors stacked, 5 products each way
-            return LowRankStats._both_forward(ctx, rg, ru, c, g0, u0, Ug, Uu, dg, du, proj)
-        if Uu is not None:
-            saved["Puu"], saved["UuGuu"] = proj(u0, du), Uu @ (Du @ Du.t())
-            ru = ru + 2.0 * _dot_rows(Uu, saved["Puu"]) + _dot_rows(saved["UuGuu"], Uu)
-            saved["Pgu"] = proj(g0, du)
-            c = c + _dot_rows(Uu, saved["Pgu"])
-        if Ug is not None:
-            saved["Pug"] = proj(u0, dg)
-            c = c + _dot_rows(Ug, saved["Pug"])
-        names = ("Pgg", "UgGgg", "Puu", "UuGuu", "Pgu", "Pug")
-        ctx.save_for_backward(g0, u0, Ug, Dg, Uu, Du, *(saved.get(n) for n in names))
-        return rg, ru, c
-
-    @staticmethod
-    def _both_forward(ctx, rg, ru, c, g0, u0, Ug, Uu, dg, du, proj):
-        """D = [Dg; Du], U = [Ug | Uu]: Pg = G0 D^T = [Pgg | Pgu], Pu = U0 D^T = [Pug | Puu], and the blocks
-        of D D^T, as five products (the two weights' own and cross terms in each)."""
-        k = Ug.shape[1]
-        D = torch.cat([dg, du]).to(Ug.dtype)
-        Pg, Pu = proj(g0, D), proj(u0, D)
-        gram = D @ D.t()
-        UgG, UuG = Ug @ gram[:k], Uu @ gram[k:]  # [Ug Ggg | Ug Ggu], [Uu Gug | Uu Guu]
-        rg = rg + 2.0 * _dot_rows(Ug, Pg[:, :k]) + _dot_rows(UgG[:, :k], Ug)
-        ru = ru + 2.0 * _dot_rows(Uu, Pu[:, k:]) + _dot_rows(UuG[:, k:], Uu)
-        c = c + _dot_rows(Ug, Pu[:, :k]) + _dot_rows(Uu, Pg[:, k:]) + _dot_rows(UgG[:, k:], Uu)
-        ctx.save_for_backward(g0, u0, Ug, Uu, D, Pg, Pu, UgG, UuG)
-        ctx.rank = k
-        return rg, ru, c
-
-    @staticmethod
-    def _both_backward(ctx, grad_rg, grad_ru, grad_c):
-        g0, u0, Ug, Uu, D, Pg, Pu, UgG, UuG = ctx.saved_tensors
-        k = ctx.rank
-        grg, gru, gc = (g.unsqueeze(-1) for g in (grad_rg, grad_ru, grad_c))
-        grad_ug = 2.0 * grg * (Pg[:, :k] + UgG[:, :k]) + gc * (Pu[:, :k] + UuG[:, :k])
-        grad_uu = 2.0 * gru * (Pu[:, k:] + UuG[:, k:]) + gc * (Pg[:, k:] + UgG[:, k:])
-        A_g = torch.cat([2.0 * grg * Ug, gc * Uu], dim=1)  # D's gradient through G0: rows of Dg, then of Du
-        A_u = torch.cat([gc * Ug, 2.0 * gru * Uu], dim=1)  # ... and through U0
-        M = torch.cat([Ug.t() @ A_g, Uu.t() @ A_u])  # through D D^T
-        grad_D = (A_g.t().to(g0.dtype) @ g0).to(D.dtype) + (A_u.t().to(u0.dtype) @ u0).to(D.dtype) + M @ D
-        return None, None, grad_ug.to(ctx.dtypes[1]), grad_D[:k], None, grad_uu.to(ctx.dtypes[2]), grad_D[k:]
+    def forward(ctx, base_gram, g0, ug, dg, u0, uu, du):
+        dtype = base_gram.dtype
+        bases = (g0,) if u0 is None else (g0, u0)
+        factors = [(j, u, d) for j, (u, d) in enumerate(((ug, dg), (uu, du))[: len(bases)]) if u is not None]
+        n, out = len(bases), g0.shape[0]
+        D = _to(factors[0][2] if len(factors) == 1 else torch.cat([_to(d, dtype) for _, _, d in factors]), dtype)
+        if n == 1:
+            V = _to(ug, dtype).unsqueeze(1)  # (out, 1, R)
+        else:
+            V = D.new_zeros((out, n, D.shape[0]))
+            offset = 0
+            for j, u, _ in factors:
+                V[:, j, offset : offset + u.shape[1]] = u
+                offset += u.shape[1]
+        Y = torch.stack([_to(b @ _to(D, b.dtype).t(), dtype) for b in bases], 1)  # (out, n, Rt)
+        G = D @ D.t()
+        VG = V @ G
+        VY = torch.bmm(V, Y.transpose(1, 2))
+        gram = base_gram + VY + VY.transpose(1, 2) + torch.bmm(VG, V.transpose(1, 2))
+        ctx.save_for_backward(V, Y, VG, D, *bases)
+        ctx.factors = [(j, u.shape[1], u.dtype, d.dtype) for j, u, d in factors]
+        if n == 1:
+            return gram.view(out)
+        stats = gram.view(out, 4).t().contiguous()
+        return stats[0], stats[3], stats[1]
 
     @staticmethod
     def backward(ctx, *grads):
-        has_g, has_u = ctx.has
-        if not ctx.gated:
-            g0, Ug, Dg, Pgg, UgGgg = ctx.saved_tensors
-            k = 2.0 * grads[0].unsqueeze(-1)
-            grad_ug = k * (Pgg + UgGgg)
-            kU = k * Ug
-            grad_dg = (kU.t().to(g0.dtype) @ g0).to(Dg.dtype) + (kU.t() @ Ug) @ Dg
-            return None, None, grad_ug.to(ctx.dtypes[1]), grad_dg, None, None, None
-        if ctx.both:
-            return LowRankStats._both_backward(ctx, *grads)
-        g0, u0, Ug, Dg, Uu, Du, Pgg, UgGgg, Puu, UuGuu, Pgu, Pug = ctx.saved_tensors  # one of the two factored
-        grg, gru, gc = (g.unsqueeze(-1) for g in grads)
-        grad_ug = grad_dg = grad_uu = grad_du = None
-        if has_g:
-            grad_ug = 2.0 * grg * (Pgg + UgGgg) + gc * Pug
-            a, b = 2.0 * grg * Ug, gc * Ug  # row weights of Dg's gradient: through g0 and through u0
-            grad_dg = (a.t().to(g0.dtype) @ g0).to(Dg.dtype) + (a.t() @ Ug) @ Dg + (b.t().to(u0.dtype) @ u0).to(Dg.dtype)
-        if has_u:
-            grad_uu = 2.0 * gru * (Puu + UuGuu) + gc * Pgu
-            a, b = 2.0 * gru * Uu, gc * Uu
-            grad_du = (a.t().to(u0.dtype) @ u0).to(Du.dtype) + (a.t() @ Uu) @ Du + (b.t().to(g0.dtype) @ g0).to(Du.dtype)
-        grad_ug = None if grad_ug is None else grad_ug.to(ctx.dtypes[1])
-        grad_uu = None if grad_uu is None else grad_uu.to(ctx.dtypes[2])
-        return None, None, grad_ug, grad_dg, None, grad_uu, grad_du
+        V, Y, VG, D, *bases = ctx.saved_tensors
+        out, n, rt = V.shape
+        if n == 1:
+            gamma2 = (2.0 * grads[0]).view(out, 1, 1)
+        else:
+            grg, gru, gc = grads
+            gamma2 = torch.stack([2.0 * grg, gc, gc, 2.0 * gru], 1).view(out, 2, 2)  # 2 Gamma
+        grad_V = torch.bmm(gamma2, Y + VG)
+        grad_Y = torch.bmm(gamma2, V)
+        grad_D = (V.reshape(-1, rt).t() @ grad_Y.reshape(-1, rt)) @ D  # through D D^T: 2 dG D
+        for j, b in enumerate(bases):  # through Y_j = B_j D^T
+            grad_D = grad_D + _to(_to(grad_Y[:, j].t(), b.dtype) @ b, D.dtype)
+        grad_u, grad_d = {}, {}
+        offset = 0
+        for j, rank, u_dtype, d_dtype in ctx.factors:
+            grad_u[j] = _to(grad_V[:, j, offset : offset + rank], u_dtype)
+            grad_d[j] = _to(grad_D[offset : offset + rank], d_dtype)
+            offset += rank
+        return None, None, grad_u.get(0), grad_d.get(0), None, grad_u.get(1), grad_d.get(1)
 
 
-def low_rank_stats(w_gate, w_up=None, base_stats=None):
+def base_gram(stats: tuple[Tensor, ...]) -> Tensor:
+    """The bases' own Gram matrices (out, n, n) from their row statistics: (r,) or (rg, ru, c)."""
+    if len(stats) == 1:
+        return stats[0].view(-1, 1, 1)
+    rg, ru, c = stats
+    return torch.stack([rg, c, c, ru], 1).view(-1, 2, 2)
+
+
+def low_rank_stats(w_gate, w_up=None, gram=None):
     """:func:`weight_row_stats` (``w_up`` None) or :func:`weight_gated_row_stats` as one :class:`LowRankStats`
-    node. The bases must carry no gradient; ``base_stats`` (their own statistics) are computed when not given."""
+    node. The bases must carry no gradient; ``gram``, their own Gram matrices (:func:`base_gram`, in the
+    statistics' dtype), is computed when not given."""
     g0, u0 = _base(w_gate), None if w_up is None else _base(w_up)
-    if base_stats is None:
+    if gram is None:
+        dtype = stats_dtype(w_gate, *(() if w_up is None else (w_up,)))
         with torch.no_grad():
-            base_stats = (row_stats(g0),) if w_up is None else gated_row_stats(g0, u0)
+            stats = (row_stats(g0),) if w_up is None else gated_row_stats(g0, u0)
+            gram = base_gram(tuple(t.to(dtype) for t in stats))
     ug, dg = (w_gate.up, w_gate.down) if isinstance(w_gate, LowRankRows) else (None, None)
     uu, du = (w_up.up, w_up.down) if isinstance(w_up, LowRankRows) else (None, None)
-    dtype = compute_dtype(_dtype(w_gate, *(() if w_up is None else (w_up,))))
-    base_stats = tuple(t.to(dtype) for t in base_stats)
-    return LowRankStats.apply(base_stats, g0, ug, dg, u0, uu, du)
+    return LowRankStats.apply(gram, g0, ug, dg, u0, uu, du)
 
 
-__all__ = ["LowRankRows", "low_rank_stats", "weight_gated_row_stats", "weight_row_stats"]
+__all__ = ["LowRankRows", "base_gram", "low_rank_stats", "stats_dtype", "weight_gated_row_stats", "weight_row_stats"]

@@ -19,6 +19,8 @@ kernels run under ``TRITON_INTERPRET=1`` (numpy), which is how the tests check t
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -249,6 +251,7 @@ def gated_row_stats_backward_kernel(
     tl.store(GWU + row * stride_gu + cols, (2.0 * gru * y + gc * x).to(GWU.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def block_size(n_cols: int, limit: int = 1024) -> int:
     """The column block of a kernel: the next power of two of n_cols, at most ``limit`` (at least 16)."""
     return max(16, min(limit, triton.next_power_of_2(n_cols)))

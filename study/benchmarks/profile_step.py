@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,10 +46,13 @@ from hf_dreg.regularizers import build_regularizer  # noqa: E402
 
 VARIANTS = {
     "plain": ("none", "eager"), "dreg-fused": ("dreg", "compiled"), "dreg-parts": ("dreg", "compiled"), "dreg-eager": ("dreg", "eager"),
-    "dreg-triton": ("dreg", "triton"),
+    "dreg-triton": ("dreg", "triton"), "dreg-triton-glue": ("dreg", "triton"),
 }  # name -> (regularizer, DREG kernel family); dreg-triton on a CPU only under TRITON_INTERPRET=1 (counts, not times)
 # dreg-parts: fused kernels, but each site as separately compiled parts (row statistics, the site's node),
 # the route a torch that cannot trace a whole site as one region takes (hf_dreg.ops.kernels.KERNELS)
+# dreg-triton-glue: the triton family with every kernel launch skipped: what the host does around the launches
+# (allocations, views, the LoRA factor products, autograd), timed on a CPU where the launches themselves cannot
+# be (the interpreter); its values are garbage (unwritten outputs), its time is the glue's
 CUDA_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaStreamSynchronize", "cudaDeviceSynchronize",
               "cudaMemcpyAsync", "cudaEventSynchronize", "cudaStreamWaitEvent")
 
@@ -83,7 +87,7 @@ def build(shape, device: str, dtype: torch.dtype, variants: list[str]) -> dict:
             regularizer = build_regularizer(model, args)
             regularizer.activate(model)
             overhead.cast_weights(model, dtype)
-            kind = PartsContender if name == "dreg-parts" else overhead.Contender
+            kind = {"dreg-parts": PartsContender, "dreg-triton-glue": GlueContender}.get(name, overhead.Contender)
             contenders[name] = kind(name, model, regularizer, args.strength, args.weight_decay)
     del template
     return contenders
@@ -96,6 +100,8 @@ class _MarkedKernel:
     """A Triton kernel whose launches run under a profiler label: what runs inside one (the launch itself;
     under TRITON_INTERPRET=1 the interpreter's own copies) is counted as one launch, not as operators."""
 
+    skip = False  # dreg-triton-glue: launches skipped
+
     def __init__(self, kernel):
         self.kernel = kernel
 
@@ -104,9 +110,20 @@ class _MarkedKernel:
 
         def run(*args, **kwargs):
             with torch.profiler.record_function(LAUNCH):
-                return launch(*args, **kwargs)
+                return None if _MarkedKernel.skip else launch(*args, **kwargs)
 
         return run
+
+
+class GlueContender(overhead.Contender):
+    """The triton family's contender with its kernel launches skipped (see dreg-triton-glue)."""
+
+    def step(self, batch):
+        _MarkedKernel.skip = True
+        try:
+            super().step(batch)
+        finally:
+            _MarkedKernel.skip = False
 
 
 def mark_triton_launches() -> None:
@@ -160,7 +177,7 @@ def sync_stacks(contender, batch) -> list[tuple[int, str]]:
 
 
 def run_shape(text: str, device: str, dtype: torch.dtype, variants: list[str], rounds: int, warmup: int) -> dict:
-    if "dreg-triton" in variants:
+    if {"dreg-triton", "dreg-triton-glue"} & set(variants):
         mark_triton_launches()
     name, shape = overhead.parse_shape(text)
     contenders = build(shape, device, dtype, variants)
@@ -169,8 +186,10 @@ def run_shape(text: str, device: str, dtype: torch.dtype, variants: list[str], r
         for c in contenders.values():
             c.step(batch)
     times = {n: [] for n in contenders}
-    for _ in range(rounds):
-        for n, c in contenders.items():
+    order = list(contenders.items())
+    for i in range(rounds):  # interleaved, the order rotated every round (as overhead.py)
+        shift = i % len(order)
+        for n, c in order[shift:] + order[:shift]:
             times[n].append(c.timed_step(batch)[0])
     cuda = device.startswith("cuda")
     counts = {n: op_counts(c, batch, cuda) for n, c in contenders.items()}
@@ -191,6 +210,15 @@ def run_shape(text: str, device: str, dtype: torch.dtype, variants: list[str], r
     sites = result["sites"] or 1
     ops = result["operators_per_step"]
     result["operators_added_per_site"] = {n: (ops[n] - ops["plain"]) / sites for n in contenders if n != "plain"}
+    # the host time a site adds, in units of one operator of the plain step (that step's time / its operators):
+    # on a host-bound step this is what a site costs; the interpreter's Triton launches (numpy) have no such time
+    plain_op_s = statistics.median(times["plain"]) / max(1, ops["plain"])
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and not cuda
+    result["op_equivalents_per_site"] = {
+        n: None if (interpreted and n == "dreg-triton") else
+        statistics.median(a - b for a, b in zip(times[n], times["plain"])) / sites / plain_op_s
+        for n in contenders if n != "plain"
+    }  # fmt: skip
     result["triton_launches_per_site"] = {n: result["triton_launches_per_step"][n] / sites for n in contenders if n != "plain"}
     result["compiled_calls_per_site"] = {n: (result["compiled_calls_per_step"][n] - result["compiled_calls_per_step"]["plain"]) / sites
                                          for n in contenders if n != "plain"}  # fmt: skip
@@ -218,7 +246,10 @@ def as_text(results: list[dict]) -> str:
                 f"{n:12s} {r['median_step_ms'][n]:9.2f} ms  x{r['time_ratio'][n]:.3f}  aten ops {r['operators_per_step'][n]}  "
                 f"cuda {r['cuda_calls_per_step'][n]}"
             )
-        lines.append(f"-- per site ({r['sites']} sites): aten operators added {r['operators_added_per_site']}, "
+        equivalents = {n: None if v is None else round(v) for n, v in r["op_equivalents_per_site"].items()}
+        lines.append(f"-- per site ({r['sites']} sites): host time added in plain operators {equivalents} "
+                     "(None: interpreted Triton, not timed), "
+                     f"aten operators added {r['operators_added_per_site']}, "
                      f"compiled-region calls {r['compiled_calls_per_site']}, triton launches {r['triton_launches_per_site']}")
         for n, added in r["added_over_plain"].items():
             lines.append(f"-- {n}: added over plain: {added}")
