@@ -49,8 +49,19 @@ def test_the_model_and_the_penalty_compile_without_a_graph_break(family, kernels
     torch._dynamo.reset()
     with hf_dreg.attach(model, activations="all", kernels=kernels) as handle:
         explained = torch._dynamo.explain(_step(model, handle))(inputs)
-    assert explained.graph_count == 1
-    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    plain = torch._dynamo.explain(lambda inputs: model(**inputs).logits.float().pow(2).mean())(inputs)
+    reasons = [str(b.reason)[:300] for b in explained.break_reasons]
+    # DREG adds none: a model without breaks of its own has none with DREG; where the model breaks itself
+    # (torch 2.11 breaks T5 at its cache's copy.deepcopy of the config, torch 2.13 does not) the frames after its
+    # break are traced again, so the counts differ, but every break is one of the model's own
+    if plain.graph_break_count == 0:
+        assert explained.graph_count == 1
+        assert explained.graph_break_count == 0, reasons
+    assert set(reasons) <= {str(b.reason)[:300] for b in plain.break_reasons}, reasons
+    assert not any("hf_dreg" in str(frame) for b in explained.break_reasons for frame in b.user_stack), reasons
+    if torch.__version__ >= "2.13":
+        assert explained.graph_break_count == 0, reasons
 
 
 @pytest.mark.parametrize("family, kernels", [("bert", "eager"), ("gemma+lora", "eager"), ("gemma", "compiled"), ("gemma+lora", "triton")])

@@ -128,12 +128,12 @@ def test_non_sharded_model_gets_no_sharding_nodes():
     handle = hf_dreg.attach(model, kernels="eager")
     model(**tiny_inputs(model))
     penalty = handle.penalty()
-    names, seen, stack = set(), set(), [penalty.grad_fn]
+    names, seen, stack = set(), {}, [penalty.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node  # kept alive: torch 2.11 makes a new Python object per next_functions read (ids reused)
         names.add(type(node).__name__)
         stack.extend(n for n, _ in node.next_functions)
     assert "GatedSitePenaltyBackward" in names

@@ -42,7 +42,7 @@ def _triton_missing():
 def _cause_chain():
     try:
         try:
-            raise inductor_exc.InvalidCxxCompiler("g++")
+            raise inductor_exc.InvalidCxxCompiler()  # torch 2.11 takes no argument, 2.13 an optional one
         except inductor_exc.InvalidCxxCompiler as inner:
             raise RuntimeError("compiling the kernel failed") from inner
     except RuntimeError as outer:

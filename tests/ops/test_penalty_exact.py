@@ -289,7 +289,12 @@ def test_hooks_and_penalty_read_no_value_back_to_the_host(monkeypatch):
 
     def spy(name, original):
         def method(self, *args, **kwargs):
-            for frame in inspect.stack()[1:4]:
+            stack = inspect.stack()[1:4]
+            if stack and stack[0].function == "guard" and stack[0].filename == "<string>":
+                # dynamo's own guard code checking a Python float it traced as a CPU scalar (torch 2.11, on the
+                # separately compiled parts that torch takes for plain sites): no device is read
+                return original(self, *args, **kwargs)
+            for frame in stack:
                 if str(Path(frame.filename).resolve()) in watched:
                     calls.append(f"{name} at {Path(frame.filename).name}:{frame.lineno}")
             return original(self, *args, **kwargs)
