@@ -67,6 +67,8 @@ def table(data: dict) -> str:
     device = meta.get("device", "cpu")
     threads = meta.get("threads")
     where = f"{device}, {meta.get('dtype', 'float32')}" + (f", {threads} thread(s)" if device == "cpu" and threads else "")
+    if meta.get("torch_compile"):
+        where += f", every model's forward through torch.compile (torch_compile=True, backend {meta['torch_compile']})"
     lines.append(f"Measured on {where}; 1-minute load average before -> after each shape's timed rounds:")
     lines.append("")
     for result in results:

@@ -182,6 +182,7 @@ class Contender:
 
     def __init__(self, name: str, model, regularizer, strength: float, weight_decay: float):
         self.name, self.model, self.regularizer, self.strength = name, model, regularizer, strength
+        self.forward = model  # torch.compile(model) with --torch_compile, as TrainingArguments(torch_compile=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.dim() >= 2]
         rest = [p for p in trainable if p.dim() < 2]
@@ -191,7 +192,7 @@ class Contender:
 
     def loss(self, batch: dict) -> torch.Tensor:
         def task_loss(model, inputs):
-            outputs = model(**inputs)
+            outputs = self.forward(**inputs)
             return outputs.loss, outputs
 
         loss, _, penalty = self.regularizer.compute(self.model, batch, task_loss, StepInfo())
@@ -243,6 +244,23 @@ def cast_weights(model, dtype: torch.dtype) -> None:
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
+
+
+def compile_models(contenders: list[Contender], backend: str = "inductor") -> None:
+    """Each contender's forward through ``torch.compile(model)``, as ``TrainingArguments(torch_compile=True)``
+    wraps the model (inductor, default mode): DREG's hooks are traced into the model's graph, the penalty is
+    read after it. Compiled at the warm-up rounds.
+
+    Each contender's forward is a function of its own (dynamo keeps compiled code per code object): its models are
+    copies of one class whose guards do not tell their submodules' hooks apart, so one shared code object would run
+    the plain model's graph, without DREG's hooks, for the DREG models."""
+    for i, c in enumerate(contenders):
+
+        def forward(*args, _model=c.model, **kwargs):
+            return _model(*args, **kwargs)
+
+        forward.__code__ = forward.__code__.replace(co_name=f"forward_{i}_{c.name.replace('@', '_')}")
+        c.forward = torch.compile(forward, backend=backend)
 
 
 def build(shape: Shape, regularizers: list[str], seed: int = 0, dtype=torch.float32, device: str = "cpu") -> list[Contender]:
@@ -409,9 +427,12 @@ def run_shape(
     rss: bool = True,
     threads: int = 1,
     shape_text: str | None = None,
+    torch_compile: str | None = None,
 ) -> dict:
     load_before = os.getloadavg()
     contenders = build(shape, regularizers, dtype=dtype, device=device)
+    if torch_compile:
+        compile_models(contenders, torch_compile)
     batch = make_batch(shape, contenders[0].model, device)
     names = [c.name for c in contenders]
 
@@ -449,7 +470,8 @@ def run_shape(
     del contenders, batch
     gc.collect()
 
-    rss_kb = rss_in_subprocess(shape_text or name, names, threads) if rss and device == "cpu" else {}
+    # (the fresh-subprocess probe builds uncompiled models: not run under --torch_compile)
+    rss_kb = rss_in_subprocess(shape_text or name, names, threads) if rss and device == "cpu" and not torch_compile else {}
 
     def per_round(series: dict, n: str) -> list[float]:
         return [r / p for p, r in zip(series[PLAIN], series[n])]
@@ -531,6 +553,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights (bfloat16: pure bf16 training)")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-subprocess peak RSS (CPU)")
+    parser.add_argument("--torch_compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="every model's forward through torch.compile (backend: inductor, the Trainer's default), as "
+                        "TrainingArguments(torch_compile=True); none and dreg only")
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     parser.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)  # SHAPE=REGULARIZER, internal
     args = parser.parse_args(argv)
@@ -548,6 +573,10 @@ def main(argv=None) -> list[dict]:
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     parsed = [(text, *parse_shape(text, parser)) for text in shapes]
     custom = None if args.regularizers == "default" else _names(args.regularizers, REGULARIZERS, "regularizer(s)", parser)
+    if args.torch_compile:
+        others = sorted({split_name(n)[0] for n in (custom or ALL)} - {"none", "dreg"})
+        if others:
+            parser.error(f"--torch_compile times none and dreg only (the others differentiate twice): drop {others} from --regularizers")
 
     from cost_table import table
 
@@ -561,6 +590,7 @@ def main(argv=None) -> list[dict]:
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "dtype": args.dtype,
         "threads": threads,
+        "torch_compile": args.torch_compile,
         "command": " ".join(["python", "study/benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     started = time.time()
@@ -575,7 +605,7 @@ def main(argv=None) -> list[dict]:
             flush=True,
         )
         results.append(
-            run_shape(name, shape, regularizers, steps, warmup, args.device, dtype, not args.no_rss, threads, text)
+            run_shape(name, shape, regularizers, steps, warmup, args.device, dtype, not args.no_rss, threads, text, args.torch_compile)
         )
         print(table({"meta": meta, "results": results[-1:]}), file=sys.stderr, flush=True)
         if args.output:  # after every shape, so a run stopped later keeps what it measured

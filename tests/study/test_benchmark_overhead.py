@@ -136,6 +136,33 @@ def test_overhead_benchmark_prints_a_row_per_regularizer(tmp_path):
     assert results["meta"]["threads"] == 1
 
 
+@pytest.mark.slow  # about a minute on 2 cores (a graph per model); the GPU's compile pass of gpu_cost.sh runs this
+def test_overhead_under_torch_compile_runs_each_models_own_graph_with_dregs_hooks(tmp_path):
+    """--torch_compile: every contender's forward compiled (aot_eager here: the same tracing, no code generation),
+    DREG's hooks inside each DREG model's graph (a graph of the plain model, reused, would run none of them and
+    the penalty would have no site: an error), and the other regularizers refused before anything runs; and
+    gpu_cost.sh's compile pass, on the CPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "DREG_COST_DEVICE": "cpu", "DREG_COST_SHAPES": "tiny:2x8", "DREG_COST_STEPS": "1",
+           "DREG_COST_WARMUP": "1", "DREG_COST_COMPILE_BACKEND": "aot_eager", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "study" / "benchmarks" / "gpu_cost.sh"), "compile", "--no-rss"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    data = json.loads((tmp_path / "gpu_cost_compile.json").read_text())
+    assert data["meta"]["torch_compile"] == "aot_eager" and set(data["results"][0]["regularizers"]) == {"none", "dreg"}
+    assert "torch_compile=True, backend aot_eager" in (tmp_path / "gpu_cost_compile.md").read_text()
+    overhead = _load("overhead")
+    output = tmp_path / "compiled.json"
+    (result,) = overhead.main(["--shapes", "tiny:2x8", "--regularizers", "none,dreg@eager,dreg@compiled", "--steps", "2",
+                               "--warmup", "1", "--threads", "1", "--no-rss", "--torch_compile", "aot_eager", "--output", str(output)])
+    assert result["compiled_graphs_warmup"] >= 4  # plain, none and both DREG models: a graph each
+    assert set(result["regularizers"]) == {"none", "dreg@eager", "dreg@compiled"}
+    assert json.loads(output.read_text())["meta"]["torch_compile"] == "aot_eager"
+    cmd = [sys.executable, str(ROOT / "study" / "benchmarks" / "overhead.py"), "--shapes", "tiny", "--regularizers", "igpen,dreg",
+           "--torch_compile"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "drop ['igpen']" in done.stderr
+
+
 def test_overhead_benchmark_rejects_an_unknown_regularizer(tmp_path):
     cmd = [sys.executable, str(ROOT / "study" / "benchmarks" / "overhead.py"), "--shapes", "tiny", "--regularizers", "dropout"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
