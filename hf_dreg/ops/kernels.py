@@ -107,9 +107,9 @@ class KernelCache:
 
         Falls back to the same math in eager mode only where the machine cannot compile; any other error
         of the compiled kernel propagates, except for a whole site (``parts`` given: the same values by a
-        simpler route). Tracing autograd Functions into one region needs a recent dynamo (torch 2.11
-        refuses a Function that returns one of its inputs, as the activation's node does), so where it
-        fails the site takes that route, saying so once per kind of site.
+        simpler route). Tracing autograd Functions into one region needs a recent dynamo (torch 2.11's fails
+        with an internal AssertionError on a plain site whose row statistics come from a parameter, the usual
+        case; torch 2.13 traces it), so where it fails the site takes that route, saying so once per kind of site.
         """
         if not fused or self.failed or torch.compiler.is_compiling():
             # inside the model's own torch.compile graph the same math is traced into that graph (fused there)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 REGULARIZERS = ["none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg"]
@@ -29,7 +30,8 @@ def _check_result(result, shape, regularizers, steps):
     assert sorted(result["step_s"]) == sorted(["plain", *regularizers])
     assert all(len(times) == steps for times in result["step_s"].values())
     assert result["fused"] and result["recompiles_timed"] == 0
-    assert result["untraceable_regions"] == []  # torch 2.13 traces every site as one region
+    if torch.__version__ >= "2.13":  # torch 2.13 traces every site as one region (2.11 does not: docs/cost.md)
+        assert result["untraceable_regions"] == []
     assert len(result["load_before"]) == 3 and len(result["load_after"]) == 3
     rows = result["regularizers"]
     assert list(rows) == regularizers
