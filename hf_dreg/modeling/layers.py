@@ -195,7 +195,9 @@ def _checked_lora_adapters(module: nn.Module) -> list[str] | None:
     layer's adapter state (active, held, merged, disabled) has changed since the last read.
     """
     state = None
-    if getattr(module, "lora_A", None) is not None:
+    # not inside a torch.compile trace: there the checks are traced into guards on the layer's attributes, and a
+    # lookup in this weak-keyed cache would put its entries, which die with their modules, into the guards
+    if getattr(module, "lora_A", None) is not None and not torch.compiler.is_compiling():
         state = (tuple(module.active_adapters), tuple(module.lora_A.keys()), module.merged, module.disable_adapters)
         cached = _LORA_CHECKS.get(module)
         if cached is not None and cached[0] == state:
