@@ -30,12 +30,11 @@ from ..ops.functions import (
 from ..ops.kernels import resolve_kernels
 from ..ops.low_rank import (
     LowRankRows,
-    base_gram,
+    bases_gram,
     gated_site_penalty_low_rank,
     low_rank_stats,
     plain_site_activation_low_rank,
     plain_site_penalty_low_rank,
-    stats_dtype,
     weight_gated_row_stats,
     weight_row_stats,
 )
@@ -308,10 +307,7 @@ class DREGHandle:
         if cached is not None and cached[0] == signature:
             gram = cached[1]
         else:
-            dtype = stats_dtype(w_gate, *(() if w_up is None else (w_up,)))
-            with torch.no_grad():
-                stats = (self._triton.row_stats(bases[0]),) if w_up is None else self._triton.gated_row_stats(*bases)
-                gram = base_gram(tuple(t.to(dtype) for t in stats))
+            gram = bases_gram(w_gate, w_up, self._triton.row_stats, self._triton.gated_row_stats)
             if self._cache_bases:
                 self._base_stats[site.name] = (signature, gram)
         return low_rank_stats(w_gate, w_up, gram)

@@ -240,19 +240,26 @@ def base_gram(stats: tuple[Tensor, ...]) -> Tensor:
     return torch.stack([rg, c, c, ru], 1).view(-1, 2, 2)
 
 
+def bases_gram(w_gate, w_up=None, plain_stats=row_stats, gated_stats=gated_row_stats) -> Tensor:
+    """The frozen bases' own Gram matrices (:func:`base_gram`) in the statistics' dtype, no gradient: the bases'
+    row statistics from ``plain_stats`` (one weight) or ``gated_stats`` (two; the triton family passes its kernels)."""
+    g0 = _base(w_gate)
+    dtype = stats_dtype(w_gate, *(() if w_up is None else (w_up,)))
+    with torch.no_grad():
+        stats = (plain_stats(g0),) if w_up is None else gated_stats(g0, _base(w_up))
+        return base_gram(tuple(t.to(dtype) for t in stats))
+
+
 def low_rank_stats(w_gate, w_up=None, gram=None):
     """:func:`weight_row_stats` (``w_up`` None) or :func:`weight_gated_row_stats` as one :class:`LowRankStats`
-    node. The bases must carry no gradient; ``gram``, their own Gram matrices (:func:`base_gram`, in the
-    statistics' dtype), is computed when not given."""
+    node. The bases must carry no gradient; ``gram``, their own Gram matrices (:func:`bases_gram`), is computed
+    when not given."""
     g0, u0 = _base(w_gate), None if w_up is None else _base(w_up)
     if gram is None:
-        dtype = stats_dtype(w_gate, *(() if w_up is None else (w_up,)))
-        with torch.no_grad():
-            stats = (row_stats(g0),) if w_up is None else gated_row_stats(g0, u0)
-            gram = base_gram(tuple(t.to(dtype) for t in stats))
+        gram = bases_gram(w_gate, w_up)
     ug, dg = (w_gate.up, w_gate.down) if isinstance(w_gate, LowRankRows) else (None, None)
     uu, du = (w_up.up, w_up.down) if isinstance(w_up, LowRankRows) else (None, None)
     return LowRankStats.apply(gram, g0, ug, dg, u0, uu, du)
 
 
-__all__ = ["LowRankRows", "base_gram", "low_rank_stats", "stats_dtype", "weight_gated_row_stats", "weight_row_stats"]
+__all__ = ["LowRankRows", "base_gram", "bases_gram", "low_rank_stats", "stats_dtype", "weight_gated_row_stats", "weight_row_stats"]
