@@ -122,8 +122,9 @@ DEFAULT_SHAPES = "minilm,gemma2,gemma2-lora,gemma2-lora-2k"
 
 
 def parse_shape(text: str, parser=None) -> tuple[str, Shape]:
-    """``name`` or ``name:BxS`` (another batch x sequence length for that shape)."""
+    """``name``, ``name:BxS`` (another batch x sequence length for that shape) or ``name:BxS:L`` (and L layers)."""
     name, _, size = text.partition(":")
+    size, _, layers = size.partition(":")
     if name not in SHAPES:
         message = f"unknown shape {name!r}; choose from {list(SHAPES)}"
         if parser is None:
@@ -138,6 +139,13 @@ def parse_shape(text: str, parser=None) -> tuple[str, Shape]:
                 raise ValueError(message)
             parser.error(message)
         shape = replace(shape, batch=int(match.group(1)), seq=int(match.group(2)))
+    if layers:
+        if not layers.isdigit() or int(layers) < 1:
+            message = f"shape layers {layers!r}: write NAME:BATCHxSEQ:LAYERS, e.g. {name}:2x16:6"
+            if parser is None:
+                raise ValueError(message)
+            parser.error(message)
+        shape = replace(shape, label=f"{shape.label}, {layers} layers", config={**shape.config, "num_hidden_layers": int(layers)})
     return name, shape
 
 
@@ -540,7 +548,7 @@ def _names(text: str, valid, what: str, parser) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, of {', '.join(SHAPES)} (name:BxS for another size)")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, of {', '.join(SHAPES)} (name:BxS for another size, name:BxS:L for L layers)")
     parser.add_argument(
         "--regularizers", default="default",
         help=f"comma-separated, of {', '.join(REGULARIZERS)} (dreg@<kernels> for one DREG kernel family: "

@@ -73,6 +73,11 @@ def test_shapes_and_sizes_are_parsed():
         overhead.parse_shape("gemma3")
     with pytest.raises(ValueError, match="BATCHxSEQ"):
         overhead.parse_shape("minilm:16")
+    layered = overhead.parse_shape("tiny:2x16:8")[1]
+    assert layered.config["num_hidden_layers"] == 8 and "8 layers" in layered.label
+    assert overhead.parse_shape("tiny:2x16")[1].config["num_hidden_layers"] == 2  # the shape's own depth stays
+    with pytest.raises(ValueError, match="NAME:BATCHxSEQ:LAYERS"):
+        overhead.parse_shape("tiny:2x16:x")
     # the Gemma-2 shapes are Gemma-2-2B's layer, scaled: GeGLU, 8 heads, 4 KV heads; the 2B one is the real size
     small, big = overhead.SHAPES["gemma2"].config, overhead.SHAPES["gemma2-2b-lora"].config
     assert (small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]) == (512, 2048, 4)
