@@ -548,7 +548,8 @@ def _names(text: str, valid, what: str, parser) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, of {', '.join(SHAPES)} (name:BxS for another size, name:BxS:L for L layers)")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help=f"comma-separated, of {', '.join(SHAPES)} (name:BxS for another size, name:BxS:L for L layers)")
     parser.add_argument(
         "--regularizers", default="default",
         help=f"comma-separated, of {', '.join(REGULARIZERS)} (dreg@<kernels> for one DREG kernel family: "
