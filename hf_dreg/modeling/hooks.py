@@ -30,9 +30,7 @@ from ..ops.functions import (
 from ..ops.kernels import resolve_kernels
 from ..ops.low_rank import (
     LowRankRows,
-    bases_gram,
     gated_site_penalty_low_rank,
-    low_rank_stats,
     plain_site_activation_low_rank,
     plain_site_penalty_low_rank,
     weight_gated_row_stats,
@@ -297,20 +295,20 @@ class DREGHandle:
         return (pieces.w_gate, pieces.w_up), True
 
     def _low_rank_stats(self, site, w_gate, w_up=None):
-        """Row statistics of LoRA-fed weights as one node (:class:`~hf_dreg.ops.low_rank.LowRankStats`), the
-        frozen bases' own statistics computed once per version of the bases."""
+        """Row statistics of LoRA-fed weights as one node (:class:`~hf_dreg.ops.triton_functions.LowRankStats`),
+        the frozen bases' own statistics computed once per version of the bases."""
         bases = [w.base if isinstance(w, LowRankRows) else w for w in (w_gate, w_up) if w is not None]
         if any(b.requires_grad for b in bases):  # a trained base: the general route
             return weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
         signature = tuple((b.data_ptr(), b._version, b.dtype, tuple(b.shape), b.stride()) for b in bases)
         cached = self._base_stats.get(site.name)
         if cached is not None and cached[0] == signature:
-            gram = cached[1]
+            stats = cached[1]
         else:
-            gram = bases_gram(w_gate, w_up, self._triton.row_stats, self._triton.gated_row_stats)
+            stats = self._triton.frozen_bases_stats(w_gate, w_up)
             if self._cache_bases:
-                self._base_stats[site.name] = (signature, gram)
-        return low_rank_stats(w_gate, w_up, gram)
+                self._base_stats[site.name] = (signature, stats)
+        return self._triton.low_rank_stats(w_gate, w_up, stats)
 
     def _record(self, site: Site, p: Tensor) -> None:
         self._pieces[site.name] = _Pieces()

@@ -161,8 +161,9 @@ def penalty_weight_rows(module: nn.Module, read=_read) -> Tensor | LowRankRows:
     """:func:`weight_rows` as the penalty reads it: a LoRA layer's as its factors, never formed.
 
     For a LoRA layer (``peft.tuners.lora.layer.Linear``) with active adapters on a plain base layer the
-    rows are :class:`~hf_dreg.ops.low_rank.LowRankRows`: the base weight, ``scaling * lora_B`` of every
-    active adapter and their ``lora_A``, stacked; :mod:`hf_dreg.ops.low_rank` computes the row statistics
+    rows are :class:`~hf_dreg.ops.low_rank.LowRankRows`: the base weight, ``lora_B`` and ``lora_A`` with the
+    adapter's scaling apart (one active adapter), or ``scaling * lora_B`` of every active adapter and their
+    ``lora_A``, stacked; :mod:`hf_dreg.ops.low_rank` computes the row statistics
     from them without the dense (out, in) weight. Any other layer gives :func:`weight_rows`.
 
     ``read`` is applied to every parameter as it is read, before any arithmetic on it (the identity by
@@ -174,10 +175,13 @@ def penalty_weight_rows(module: nn.Module, read=_read) -> Tensor | LowRankRows:
         return weight_rows(module, read)
     base = _as_rows(module.base_layer, read(module.base_layer.weight))
     dtype = compute_dtype(torch.promote_types(base.dtype, module.lora_B[adapters[0]].weight.dtype))
+    scaling = module.scaling[adapters[0]]
+    if len(adapters) == 1 and isinstance(scaling, (int, float)):  # the usual case: no stacking, the scaling kept apart
+        up = _in_dtype(read(module.lora_B[adapters[0]].weight), dtype)
+        down = _in_dtype(read(module.lora_A[adapters[0]].weight), dtype)
+        return LowRankRows(base, up, down, float(scaling))
     ups = [_in_dtype(read(module.lora_B[a].weight), dtype) * module.scaling[a] for a in adapters]
     downs = [_in_dtype(read(module.lora_A[a].weight), dtype) for a in adapters]
-    if len(adapters) == 1:  # the usual case: no stacking (one operator and one node fewer each way)
-        return LowRankRows(base, ups[0], downs[0])
     return LowRankRows(base, torch.cat(ups, dim=1), torch.cat(downs, dim=0))
 
 

@@ -174,6 +174,125 @@ def gated_backward(s, u, rg, ru, c, grad_p, grad_h, dtypes, spec):
     return grad_g.reshape(s.shape), grad_u.reshape(u.shape), grad_rg, grad_ru, grad_c
 
 
+# ---- a LoRA-fed site's row statistics, from the factors ---------------------------------------------
+
+
+LOW_RANK_ROWS = 32  # rows of the weights per program of the low-rank statistics' kernels
+
+
+def _unit_rows(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class LowRankStats(torch.autograd.Function):
+    """The row statistics of a site's LoRA-fed weights as one node: r (plain) or (rg, ru, c) (gated).
+
+    A site reads n = 1 or 2 weights W_j = B_j + s_j U_j D_j (U_j = ``lora_B``, D_j = ``lora_A``, s_j the
+    adapter's scaling; a dense weight has no factors). Torch takes the products that pass over a base,
+    Y_j = B_j D^T with D the present D_j stacked, and G = D D^T; one kernel each way does the rest per row
+    (:func:`~hf_dreg.ops.triton_kernels.low_rank_stats_kernel`). The bases are frozen: their own statistics
+    ``base_stats`` come in, computed once per version of the bases (:func:`frozen_bases_stats`). Kept for
+    backward: the bases (parameters), the factors, Y and G: (out, T) and (T, T) tensors, never an (out, in) one.
+    """
+
+    @staticmethod
+    def forward(ctx, g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats):
+        dtype = base_stats[0].dtype
+        bases = (g0,) if u0 is None else (g0, u0)
+        downs = [d for d in (dg, du) if d is not None]
+        D = _to(downs[0], dtype) if len(downs) == 1 else torch.cat([_to(d, dtype) for d in downs])
+        ys = [b @ _to(D, b.dtype).t() for b in bases]  # (out, T), in the bases' dtype: no copy of a base
+        G = D @ D.t()
+        ug, uu = _unit_rows(ug), _unit_rows(uu)
+        n_rows, gated = g0.shape[0], u0 is not None
+        out = [torch.empty(n_rows, dtype=dtype, device=g0.device) for _ in range(3 if gated else 1)]
+        yu, ru, c = (ys[1], out[1], out[2]) if gated else (ys[0], out[0], out[0])  # placeholders where not gated
+        s0u, s0c = (base_stats[1], base_stats[2]) if gated else (base_stats[0], base_stats[0])
+        ranks = (0 if ug is None else ug.shape[1], 0 if uu is None else uu.shape[1])
+        flags = dict(GATED=gated, HAS_G=ug is not None, HAS_U=uu is not None)
+        factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)  # placeholder pointers where absent
+        if n_rows:
+            tk.low_rank_stats_kernel[(-(-n_rows // LOW_RANK_ROWS),)](
+                ys[0], yu, *factors, G, base_stats[0], s0u, s0c, out[0], ru, c,
+                n_rows, D.shape[0], *ranks, float(scale_g), float(scale_u),
+                ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
+                **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(D.shape[0]),
+            )  # fmt: skip
+        ctx.save_for_backward(*bases, ug, uu, D, G, *ys)
+        ctx.dtypes = tuple(None if d is None else d.dtype for d in (dg, du))
+        ctx.meta = (gated, ranks, (scale_g, scale_u), flags)
+        return tuple(out) if gated else out[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gated, ranks, scales, flags = ctx.meta
+        saved = ctx.saved_tensors
+        bases, (ug, uu, D, G), ys = saved[: 1 + gated], saved[1 + gated : 5 + gated], saved[5 + gated :]
+        n_rows, rank_t, dtype = bases[0].shape[0], D.shape[0], G.dtype
+        grads = [torch.zeros(n_rows, dtype=dtype, device=D.device) if g is None else g.contiguous() for g in grads]
+        grg, gru, gc = grads if gated else (grads[0], grads[0], grads[0])
+        dus = [None if u is None else torch.empty_like(u) for u in (ug, uu)]
+        dys = [torch.empty((n_rows, rank_t), dtype=b.dtype, device=D.device) for b in bases]  # in the bases' dtype
+        programs = -(-n_rows // LOW_RANK_ROWS)
+        part = torch.empty((programs, rank_t, rank_t), dtype=dtype, device=D.device)
+        yu, dyu = (ys[1], dys[1]) if gated else (ys[0], dys[0])
+        factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)
+        outs = (dys[0] if ug is None else dus[0], dys[0] if uu is None else dus[1])
+        if n_rows:
+            tk.low_rank_stats_backward_kernel[(programs,)](
+                ys[0], yu, *factors, G, grg, gru, gc, *outs, dys[0], dyu, part,
+                n_rows, rank_t, *ranks, float(scales[0]), float(scales[1]),
+                ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
+                outs[0].stride(0), outs[1].stride(0), dys[0].stride(0), dyu.stride(0),
+                **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(rank_t),
+            )  # fmt: skip
+        grad_D = part.sum(0) @ D  # through G = D D^T
+        for b, dy in zip(bases, dys):  # through Y_j = B_j D^T
+            grad_D = grad_D + _to(dy.t() @ b, dtype)
+        grad_dg = grad_du = None
+        if ug is not None:
+            grad_dg = _to(grad_D[: ranks[0]], ctx.dtypes[0])
+        if uu is not None:
+            grad_du = _to(grad_D[ranks[0] :], ctx.dtypes[1])
+        return None, None, dus[0], grad_dg, dus[1], grad_du, None, None, *(None for _ in range(3 if gated else 1))
+
+
+def frozen_bases_stats(w_gate, w_up=None) -> tuple[Tensor, ...]:
+    """The frozen bases' own row statistics, (r,) or (rg, ru, c), in the statistics' dtype, no gradient."""
+    from .low_rank import rows_base, stats_dtype
+
+    dtype = stats_dtype(w_gate, *(() if w_up is None else (w_up,)))
+    with torch.no_grad():
+        stats = (row_stats(rows_base(w_gate)),) if w_up is None else gated_row_stats(rows_base(w_gate), rows_base(w_up))
+        return tuple(_to(t, dtype) for t in stats)
+
+
+def low_rank_stats(w_gate, w_up=None, base_stats=None):
+    """The row statistics of a site's weights, at least one of them :class:`~hf_dreg.ops.low_rank.LowRankRows`
+    with a frozen base, as one :class:`LowRankStats` node: r (``w_up`` None) or (rg, ru, c).
+    ``base_stats``, the bases' own (:func:`frozen_bases_stats`), is computed when not given."""
+    from .low_rank import LowRankRows, rows_base
+
+    if base_stats is None:
+        base_stats = frozen_bases_stats(w_gate, w_up)
+    args = []
+    for w in (w_gate, w_up):
+        if isinstance(w, LowRankRows):
+            up, scale = w.up, w.scale
+            if base_stats[0].dtype == torch.float64 and scale != 1.0:  # a kernel's float argument is a float32
+                up, scale = up * scale, 1.0
+            args.append((up, w.down, scale))
+        else:
+            args.append((None, None, 1.0))
+    (ug, dg, sg), (uu, du, su) = args
+    u0 = None if w_up is None else rows_base(w_up)
+    return LowRankStats.apply(rows_base(w_gate), u0, ug, dg, uu, du, sg, su, *base_stats)
+
+
 # ---- the autograd Functions --------------------------------------------------------------------------
 
 

@@ -251,6 +251,105 @@ def gated_row_stats_backward_kernel(
     tl.store(GWU + row * stride_gu + cols, (2.0 * gru * y + gc * x).to(GWU.dtype.element_ty), mask=mask)
 
 
+# ---- a LoRA-fed site's row statistics, from the factors -------------------------------------------------
+# The rows of a site's n weights (1: plain, 2: gated) are W_j = B_j + V_j D, D the present adapters' down factors
+# stacked (T, in), V_j = s_j U_j placed at its own columns of T (zeros elsewhere). Per row i, with Y_j = B_j D^T
+# (a product torch takes: the one pass over a base) and G = D D^T:
+#     ||W_j,i||^2 = ||B_j,i||^2 + 2 V_j,i . Y_j,i + V_j,i G V_j,i,
+#     <W_g,i, W_u,i> = <B_g,i, B_u,i> + V_g,i . Y_u,i + V_u,i . Y_g,i + V_g,i G V_u,i.
+# One program per block of ROWS rows, one row at a time as vectors of the T columns (a LoRA rank is small).
+
+
+@triton.jit
+def _low_rank_rows(Y, U, row, stride_y, stride_u, t, t_mask, first, rank, scale, HAS: tl.constexpr, dtype: tl.constexpr):
+    """(Y_j,i, V_j,i): V_j,i is s_j U_j,i at columns [first, first + rank) of T, zeros elsewhere."""
+    y = tl.load(Y + row * stride_y + t, mask=t_mask, other=0.0).to(dtype)
+    if HAS:
+        inside = (t >= first) & (t < first + rank)
+        v = tl.load(U + row * stride_u + (t - first), mask=inside, other=0.0).to(dtype) * scale
+    else:
+        v = y * 0.0
+    return y, v
+
+
+@triton.jit
+def low_rank_stats_kernel(
+    YG, YU, UG, UU, GM, S0G, S0U, S0C, RG, RU, C,
+    n_rows, rank_t, rank_g, rank_u, scale_g, scale_u, stride_yg, stride_yu, stride_ug, stride_uu,
+    GATED: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """RG = S0G + 2 Vg.Yg + Vg G Vg (plain: that alone); gated also RU (the same for u) and
+    C = S0C + Vg.Yu + Vu.Yg + Vg G Vu. S0*: the bases' own statistics; the up factors' columns follow the gate's."""
+    pid = tl.program_id(0).to(tl.int64)
+    dtype = RG.dtype.element_ty
+    t = tl.arange(0, BLOCK_T)
+    t_mask = t < rank_t
+    gm = tl.load(GM + t[:, None] * rank_t + t[None, :], mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(dtype)
+    for i in range(0, ROWS):
+        row = pid * ROWS + i
+        ok = row < n_rows
+        row = tl.minimum(row, n_rows - 1)  # the last program's rows past the end: a valid row, not stored
+        yg, vg = _low_rank_rows(YG, UG, row, stride_yg, stride_ug, t, t_mask, 0, rank_g, scale_g, HAS_G, dtype)
+        vg_gm = tl.sum(vg[:, None] * gm, axis=0)
+        rg = tl.load(S0G + row).to(dtype) + tl.sum(vg * (2.0 * yg + vg_gm), axis=0)
+        tl.store(RG + row, rg, mask=ok)
+        if GATED:
+            yu, vu = _low_rank_rows(YU, UU, row, stride_yu, stride_uu, t, t_mask, rank_g, rank_u, scale_u, HAS_U, dtype)
+            vu_gm = tl.sum(vu[:, None] * gm, axis=0)
+            ru = tl.load(S0U + row).to(dtype) + tl.sum(vu * (2.0 * yu + vu_gm), axis=0)
+            c = tl.load(S0C + row).to(dtype) + tl.sum(vg * yu + vu * yg + vg_gm * vu, axis=0)
+            tl.store(RU + row, ru, mask=ok)
+            tl.store(C + row, c, mask=ok)
+
+
+@triton.jit
+def low_rank_stats_backward_kernel(
+    YG, YU, UG, UU, GM, GRG, GRU, GC, DUG, DUU, DYG, DYU, PART,
+    n_rows, rank_t, rank_g, rank_u, scale_g, scale_u,
+    stride_yg, stride_yu, stride_ug, stride_uu, stride_dug, stride_duu, stride_dyg, stride_dyu,
+    GATED: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """With the statistics' gradients (grg, gru, gc) per row, 2 Gamma = [[2 grg, gc], [gc, 2 gru]]:
+    dV = 2 Gamma (Y + V G) (stored as s_j dV_j at U_j's columns: the up factors' gradients), dY = 2 Gamma V,
+    and PART[program] = sum over its rows of Vg (x) dYg + Vu (x) dYu = 2 dG (G = D D^T: dD gets PART D)."""
+    pid = tl.program_id(0).to(tl.int64)
+    dtype = PART.dtype.element_ty
+    t = tl.arange(0, BLOCK_T)
+    t_mask = t < rank_t
+    gm = tl.load(GM + t[:, None] * rank_t + t[None, :], mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(dtype)
+    acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=dtype)
+    for i in range(0, ROWS):
+        row = pid * ROWS + i
+        ok = row < n_rows
+        ok_t = t_mask & (tl.zeros_like(t) + row < n_rows)  # a vector mask: the interpreter's broadcast of a scalar one is int32
+        row = tl.minimum(row, n_rows - 1)
+        yg, vg = _low_rank_rows(YG, UG, row, stride_yg, stride_ug, t, t_mask, 0, rank_g, scale_g, HAS_G, dtype)
+        ag = yg + tl.sum(vg[:, None] * gm, axis=0)
+        grg2 = tl.where(ok, 2.0 * tl.load(GRG + row).to(dtype), 0.0)
+        if GATED:
+            yu, vu = _low_rank_rows(YU, UU, row, stride_yu, stride_uu, t, t_mask, rank_g, rank_u, scale_u, HAS_U, dtype)
+            au = yu + tl.sum(vu[:, None] * gm, axis=0)
+            gru2 = tl.where(ok, 2.0 * tl.load(GRU + row).to(dtype), 0.0)
+            gc = tl.where(ok, tl.load(GC + row).to(dtype), 0.0)
+            dvg = grg2 * ag + gc * au
+            dvu = gc * ag + gru2 * au
+            dyg = grg2 * vg + gc * vu
+            dyu = gc * vg + gru2 * vu
+            tl.store(DYU + row * stride_dyu + t, dyu.to(DYU.dtype.element_ty), mask=ok_t)
+            acc += vg[:, None] * dyg[None, :] + vu[:, None] * dyu[None, :]
+            if HAS_U:
+                inside = (t >= rank_g) & (t < rank_g + rank_u) & ok_t
+                tl.store(DUU + row * stride_duu + (t - rank_g), (scale_u * dvu).to(DUU.dtype.element_ty), mask=inside)
+        else:
+            dvg = grg2 * ag
+            dyg = grg2 * vg
+            acc += vg[:, None] * dyg[None, :]
+        tl.store(DYG + row * stride_dyg + t, dyg.to(DYG.dtype.element_ty), mask=ok_t)
+        if HAS_G:
+            tl.store(DUG + row * stride_dug + t, (scale_g * dvg).to(DUG.dtype.element_ty), mask=(t < rank_g) & ok_t)
+    tl.store(PART + pid * rank_t * rank_t + t[:, None] * rank_t + t[None, :], acc, mask=t_mask[:, None] & t_mask[None, :])
+
+
 @functools.lru_cache(maxsize=None)
 def block_size(n_cols: int, limit: int = 1024) -> int:
     """The column block of a kernel: the next power of two of n_cols, at most ``limit`` (at least 16)."""

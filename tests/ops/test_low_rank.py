@@ -23,12 +23,12 @@ from hf_dreg.modeling import hooks as attach_module
 OUT, IN, RANK = 12, 7, 3
 
 
-def _factors(seed, base_grad):
+def _factors(seed, base_grad, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(OUT, IN, generator=g, dtype=torch.float64).requires_grad_(base_grad)
     up = torch.randn(OUT, RANK, generator=g, dtype=torch.float64).requires_grad_()
     down = torch.randn(RANK, IN, generator=g, dtype=torch.float64).requires_grad_()
-    return LowRankRows(base, up, down)
+    return LowRankRows(base, up, down, scale)
 
 
 def _leaves(*weights):
@@ -39,12 +39,13 @@ def _leaves(*weights):
 
 
 def _dense(w):
-    return w.base + w.up @ w.down if isinstance(w, LowRankRows) else w
+    return w.base + w.scale * (w.up @ w.down) if isinstance(w, LowRankRows) else w
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.7])  # 1.7: a LoRA scaling (alpha / r) kept apart from the factors
 @pytest.mark.parametrize("base_grad", [False, True])
-def test_row_stats_from_factors_equal_the_dense_weight_with_gradients(base_grad):
-    w = _factors(0, base_grad)
+def test_row_stats_from_factors_equal_the_dense_weight_with_gradients(base_grad, scale):
+    w = _factors(0, base_grad, scale)
     weights = torch.randn(OUT, dtype=torch.float64)
     ours = weight_row_stats(w)
     reference = (_dense(w) ** 2).sum(-1)
@@ -57,10 +58,11 @@ def test_row_stats_from_factors_equal_the_dense_weight_with_gradients(base_grad)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.7])
 @pytest.mark.parametrize("which", ["both", "gate", "up"])
 @pytest.mark.parametrize("base_grad", [False, True])
-def test_gated_row_stats_from_factors_equal_the_dense_weights_with_gradients(which, base_grad):
-    gate, up = _factors(1, base_grad), _factors(2, base_grad)
+def test_gated_row_stats_from_factors_equal_the_dense_weights_with_gradients(which, base_grad, scale):
+    gate, up = _factors(1, base_grad, scale), _factors(2, base_grad, 0.5 * scale)
     if which == "gate":
         up = up.base.detach().requires_grad_(base_grad) if base_grad else up.base.detach()
     if which == "up":
@@ -79,7 +81,7 @@ def test_gated_row_stats_from_factors_equal_the_dense_weights_with_gradients(whi
 
 
 def test_a_chunk_of_factored_rows_is_the_chunk_of_the_dense_rows():
-    w = _factors(3, False)
+    w = _factors(3, False, 1.7)
     for index in range(2):
         torch.testing.assert_close(_dense(w.chunk(index, 2)), _dense(w).chunk(2, dim=0)[index])
 

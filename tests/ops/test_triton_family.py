@@ -187,28 +187,69 @@ def test_the_frozen_bases_statistics_follow_an_in_place_change_of_the_weights():
     _close(second, p_eager, "penalty after the change")
 
 
-def test_lora_row_statistics_as_one_node_equal_the_general_route_in_float64():
-    from hf_dreg.ops.low_rank import LowRankRows, low_rank_stats, weight_gated_row_stats, weight_row_stats
+def _factored(rows, rank, scale, dtype, g):
+    from hf_dreg.ops.low_rank import LowRankRows
 
-    g = torch.Generator().manual_seed(0)
+    return LowRankRows(torch.randn(rows, 5, generator=g, dtype=torch.float64).to(dtype),
+                       torch.randn(rows, rank, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True),
+                       torch.randn(rank, 5, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True), scale)  # fmt: skip
 
-    def factored(rank):
-        return LowRankRows(torch.randn(7, 5, generator=g, dtype=torch.float64),
-                           torch.randn(7, rank, generator=g, dtype=torch.float64, requires_grad=True),
-                           torch.randn(rank, 5, generator=g, dtype=torch.float64, requires_grad=True))  # fmt: skip
 
-    def dense():
-        return torch.randn(7, 5, generator=g, dtype=torch.float64)
+# (gate rank, up rank or None: plain, 0: a dense up weight); a gate rank 0 is a dense gate weight
+RANK_CASES = [(3, None), (3, 2), (3, 0), (0, 2)]
 
-    for w_gate, w_up in ((factored(3), None), (factored(3), factored(2)), (factored(3), dense()), (dense(), factored(2))):
-        leaves = [t for w in (w_gate, w_up) if isinstance(w, LowRankRows) for t in (w.up, w.down)]
-        weights = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(3)]
-        mine = low_rank_stats(w_gate, w_up)
-        ref = weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
-        mine, ref = ((mine,), (ref,)) if w_up is None else (mine, ref)
-        for a, b in zip(mine, ref):
-            assert torch.allclose(a, b, rtol=1e-12, atol=0)
-        ga = torch.autograd.grad(sum((a * w).sum() for a, w in zip(mine, weights)), leaves)
-        gb = torch.autograd.grad(sum((b * w).sum() for b, w in zip(ref, weights)), leaves)
-        for a, b in zip(ga, gb):
-            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+@pytest.mark.parametrize("rows", [7, 70])  # one program; three, the last ragged (32 rows each)
+@pytest.mark.parametrize("scale", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("ranks", RANK_CASES, ids=str)
+def test_lora_row_statistics_kernels_equal_the_general_route_in_float64(ranks, scale, rows):
+    """The LowRankStats kernels (scaling applied in them) against the torch general route: values and the
+    gradients of both factors, each weight factored or dense, on one program and on several."""
+    from hf_dreg.ops.low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
+
+    g = torch.Generator().manual_seed(rows + int(4 * scale))
+    gate, up = ranks
+
+    def weight(rank):
+        if rank:
+            return _factored(rows, rank, scale, torch.float64, g)
+        return torch.randn(rows, 5, generator=g, dtype=torch.float64)
+
+    w_gate, w_up = weight(gate), None if up is None else weight(up)
+    leaves = [t for w in (w_gate, w_up) if isinstance(w, LowRankRows) for t in (w.up, w.down)]
+    weights = [torch.randn(rows, generator=g, dtype=torch.float64) for _ in range(3)]
+    mine = triton_functions.low_rank_stats(w_gate, w_up)
+    ref = weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
+    mine, ref = ((mine,), (ref,)) if w_up is None else (mine, ref)
+    for a, b in zip(mine, ref):
+        assert a.dtype == torch.float64
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(sum((a * w).sum() for a, w in zip(mine, weights)), leaves)
+    gb = torch.autograd.grad(sum((b * w).sum() for b, w in zip(ref, weights)), leaves)
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ranks", [(8, None), (8, 8)], ids=str)
+def test_lora_row_statistics_kernels_in_float32_with_a_lora_scaling_match_float64(ranks):
+    """A float32 adapter with the scaling LoRA uses (alpha / r, here 1 / sqrt(8) as in rsLoRA), the scaling a
+    kernel argument: within float32 rounding of the same statistics in float64."""
+    from hf_dreg.ops.low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
+
+    g = torch.Generator().manual_seed(3)
+    scale = 8**-0.5
+    w32 = [_factored(40, r, scale, torch.float32, g) for r in ranks if r is not None]
+    w64 = [LowRankRows(*(t.detach().double().requires_grad_(t.requires_grad) for t in (w.base, w.up, w.down)), scale) for w in w32]
+    pad = [None] * (2 - len(w32))
+    mine = triton_functions.low_rank_stats(*w32, *pad)
+    ref = weight_row_stats(w64[0]) if len(w64) == 1 else weight_gated_row_stats(*w64)
+    mine, ref = ((mine,), (ref,)) if len(w32) == 1 else (mine, ref)
+    for a, b in zip(mine, ref):
+        assert a.dtype == torch.float32
+        _close(a.double(), b, "statistics")
+    weights = [torch.randn(40, generator=g, dtype=torch.float64) for _ in range(3)]
+    ga = torch.autograd.grad(sum((a * w.float()).sum() for a, w in zip(mine, weights)), [t for w in w32 for t in (w.up, w.down)])
+    gb = torch.autograd.grad(sum((b * w).sum() for b, w in zip(ref, weights)), [t for w in w64 for t in (w.up, w.down)])
+    for a, b in zip(ga, gb):
+        assert a.dtype == torch.float32
+        _close(a.double(), b, "gradient")
