@@ -266,8 +266,8 @@ class DREGHandle:
             if pieces.w_gate is None or pieces.w_up is None:  # the layers' hooks did not run (a hook-less call): no penalty
                 return down(act(g) * u)
             if self._direct_kernels():
-                stats, dense = self._gated_stats(site, pieces)
-                h, p = self._triton.gated_site(g, None, u, stats, spec, from_weight=dense, product=True)
+                source, stats = self._site_stats(site, pieces.w_gate, pieces.w_up)
+                h, p = self._triton.gated_site(g, None, u, stats, spec, source=source, product=True)
             else:
                 a = act(g)
                 h = a * u
@@ -288,27 +288,27 @@ class DREGHandle:
         """
         return self.kernels == "triton" and not torch.compiler.is_compiling()
 
-    def _gated_stats(self, site, pieces) -> tuple[tuple, bool]:
-        """(the weights, True) for dense weights, else (their row statistics, False) (LoRA's, from the factors)."""
-        if isinstance(pieces.w_gate, LowRankRows) or isinstance(pieces.w_up, LowRankRows):
-            return self._low_rank_stats(site, pieces.w_gate, pieces.w_up), False
-        return (pieces.w_gate, pieces.w_up), True
-
-    def _low_rank_stats(self, site, w_gate, w_up=None):
-        """Row statistics of LoRA-fed weights as one node (:class:`~hf_dreg.ops.triton_functions.LowRankStats`),
-        the frozen bases' own statistics computed once per version of the bases."""
-        bases = [w.base if isinstance(w, LowRankRows) else w for w in (w_gate, w_up) if w is not None]
+    def _site_stats(self, site, w_gate, w_up=None) -> tuple[str, tuple]:
+        """(source, inputs) of a site node's row statistics (:mod:`hf_dreg.ops.triton_functions`): the dense
+        weights; for LoRA-fed weights on frozen bases the factors (the statistics from them inside the site's
+        node), the bases' own statistics computed once per version of the bases; on trained bases the statistics."""
+        t = self._triton
+        weights = (w_gate,) if w_up is None else (w_gate, w_up)
+        if not any(isinstance(w, LowRankRows) for w in weights):
+            return t.WEIGHTS, weights
+        bases = [w.base if isinstance(w, LowRankRows) else w for w in weights]
         if any(b.requires_grad for b in bases):  # a trained base: the general route
-            return weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
+            stats = weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
+            return t.STATS, (stats,) if w_up is None else stats
         signature = tuple((b.data_ptr(), b._version, b.dtype, tuple(b.shape), b.stride()) for b in bases)
         cached = self._base_stats.get(site.name)
         if cached is not None and cached[0] == signature:
             stats = cached[1]
         else:
-            stats = self._triton.frozen_bases_stats(w_gate, w_up)
+            stats = t.frozen_bases_stats(w_gate, w_up)
             if self._cache_bases:
                 self._base_stats[site.name] = (signature, stats)
-        return self._triton.low_rank_stats(w_gate, w_up, stats)
+        return t.LOW_RANK, t.low_rank_inputs(w_gate, w_up, stats)
 
     def _record(self, site: Site, p: Tensor) -> None:
         self._pieces[site.name] = _Pieces()
@@ -341,13 +341,11 @@ class DREGHandle:
     def _fire_triton(self, site, pieces, spec, with_output):
         """One node per site and direction, its passes Triton kernels called directly."""
         if site.kind == PLAIN:
-            w = pieces.w_gate
-            dense = not isinstance(w, LowRankRows)
-            stats = w if dense else self._low_rank_stats(site, w)
-            out = self._triton.plain_site(pieces.g, pieces.a, stats, spec, from_weight=dense, with_output=with_output)
+            source, stats = self._site_stats(site, pieces.w_gate)
+            out = self._triton.plain_site(pieces.g, pieces.a, stats, spec, source=source, with_output=with_output)
             return out if with_output else (None, out)
-        stats, dense = self._gated_stats(site, pieces)
-        return None, self._triton.gated_site(pieces.g, pieces.a, pieces.u, stats, spec, from_weight=dense)
+        source, stats = self._site_stats(site, pieces.w_gate, pieces.w_up)
+        return None, self._triton.gated_site(pieces.g, pieces.a, pieces.u, stats, spec, source=source)
 
     def _fire_torch(self, site, pieces, spec, with_output):
         """The row statistics and the site's penalty: one compiled region each way (``compiled``), or eager."""

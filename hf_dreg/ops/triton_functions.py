@@ -5,7 +5,9 @@ kernel of :mod:`hf_dreg.ops.triton_kernels`, called directly (no ``torch.compile
 guards, no per-call wrapper): forward, the row statistics (from the dense weight, in the same node) and
 the per-position penalty; backward, one kernel for the site's input gradient and the column partials,
 one sum of the partials, one kernel for the weight's gradient. The same nodes take row statistics
-computed elsewhere (LoRA's, from the factors: :mod:`hf_dreg.ops.low_rank`) instead of a weight.
+computed elsewhere instead of a weight, or a LoRA-fed weight's factors: then the statistics come from the
+factors (:mod:`hf_dreg.ops.low_rank`'s algebra, the adapter's scaling applied in the kernel) by one more
+kernel each way, still inside the site's node, so a site is one autograd node whatever feeds it.
 
 A plain site's node is also the activation's output (as :class:`~hf_dreg.ops.functions.PlainSiteActivation`):
 its backward gives z the activation's gradient and the penalty's in one kernel. A gated MLP whose product
@@ -188,6 +190,65 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats):
+    """The row statistics [r] or [rg, ru, c] of :class:`LowRankStats`, with what their backward needs:
+    (statistics, tensors to save, meta)."""
+    dtype = base_stats[0].dtype
+    bases = (g0,) if u0 is None else (g0, u0)
+    downs = [d for d in (dg, du) if d is not None]
+    D = _to(downs[0], dtype) if len(downs) == 1 else torch.cat([_to(d, dtype) for d in downs])
+    dt = _to(D, g0.dtype).t()
+    ys = [torch.mm(b, dt if b.dtype == g0.dtype else _to(D, b.dtype).t()) for b in bases]  # (out, T), in the bases' dtype
+    G = torch.mm(D, D.t())
+    ug, uu = _unit_rows(ug), _unit_rows(uu)
+    n_rows, gated = g0.shape[0], u0 is not None
+    out = [torch.empty(n_rows, dtype=dtype, device=g0.device) for _ in range(3 if gated else 1)]
+    yu, ru, c = (ys[1], out[1], out[2]) if gated else (ys[0], out[0], out[0])  # placeholders where not gated
+    s0u, s0c = (base_stats[1], base_stats[2]) if gated else (base_stats[0], base_stats[0])
+    ranks = (0 if ug is None else ug.shape[1], 0 if uu is None else uu.shape[1])
+    flags = dict(GATED=gated, HAS_G=ug is not None, HAS_U=uu is not None)
+    factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)  # placeholder pointers where absent
+    if n_rows:
+        tk.low_rank_stats_kernel[(-(-n_rows // LOW_RANK_ROWS),)](
+            ys[0], yu, *factors, G, base_stats[0], s0u, s0c, out[0], ru, c,
+            n_rows, D.shape[0], *ranks, float(scale_g), float(scale_u),
+            ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
+            **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(D.shape[0]),
+        )  # fmt: skip
+    meta = (gated, ranks, (scale_g, scale_u), flags, tuple(None if d is None else d.dtype for d in (dg, du)))
+    return out, (*bases, ug, uu, D, G, *ys), meta
+
+
+def _low_rank_backward(saved, meta, grads) -> tuple:
+    """(grad ug, grad dg, grad uu, grad du) of :func:`_low_rank_forward` from the statistics' gradients (None: zero)."""
+    gated, ranks, scales, flags, down_dtypes = meta
+    bases, (ug, uu, D, G), ys = saved[: 1 + gated], saved[1 + gated : 5 + gated], saved[5 + gated :]
+    n_rows, rank_t, dtype = bases[0].shape[0], D.shape[0], G.dtype
+    grads = [torch.zeros(n_rows, dtype=dtype, device=D.device) if g is None else g.contiguous() for g in grads]
+    grg, gru, gc = grads if gated else (grads[0], grads[0], grads[0])
+    dus = [None if u is None else torch.empty_like(u) for u in (ug, uu)]
+    dys = [torch.empty((n_rows, rank_t), dtype=b.dtype, device=D.device) for b in bases]  # in the bases' dtype
+    programs = -(-n_rows // LOW_RANK_ROWS)
+    part = torch.empty((programs, rank_t, rank_t), dtype=dtype, device=D.device)
+    yu, dyu = (ys[1], dys[1]) if gated else (ys[0], dys[0])
+    factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)
+    outs = (dys[0] if ug is None else dus[0], dys[0] if uu is None else dus[1])
+    if n_rows:
+        tk.low_rank_stats_backward_kernel[(programs,)](
+            ys[0], yu, *factors, G, grg, gru, gc, *outs, dys[0], dyu, part,
+            n_rows, rank_t, *ranks, float(scales[0]), float(scales[1]),
+            ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
+            outs[0].stride(0), outs[1].stride(0), dys[0].stride(0), dyu.stride(0),
+            **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(rank_t),
+        )  # fmt: skip
+    grad_D = torch.mm(part.sum(0), D)  # through G = D D^T
+    for b, dy in zip(bases, dys):  # through Y_j = B_j D^T
+        grad_D = torch.addmm(grad_D, dy.t(), b) if b.dtype == dtype else grad_D + _to(torch.mm(dy.t(), b), dtype)
+    grad_dg = None if ug is None else _to(grad_D[: ranks[0]], down_dtypes[0])
+    grad_du = None if uu is None else _to(grad_D[ranks[0] :], down_dtypes[1])
+    return dus[0], grad_dg, dus[1], grad_du
+
+
 class LowRankStats(torch.autograd.Function):
     """The row statistics of a site's LoRA-fed weights as one node: r (plain) or (rg, ru, c) (gated).
 
@@ -197,68 +258,19 @@ class LowRankStats(torch.autograd.Function):
     (:func:`~hf_dreg.ops.triton_kernels.low_rank_stats_kernel`). The bases are frozen: their own statistics
     ``base_stats`` come in, computed once per version of the bases (:func:`frozen_bases_stats`). Kept for
     backward: the bases (parameters), the factors, Y and G: (out, T) and (T, T) tensors, never an (out, in) one.
+    A site's own node (``source=LOW_RANK``) runs the same passes inside it, without this node.
     """
 
     @staticmethod
     def forward(ctx, g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats):
-        dtype = base_stats[0].dtype
-        bases = (g0,) if u0 is None else (g0, u0)
-        downs = [d for d in (dg, du) if d is not None]
-        D = _to(downs[0], dtype) if len(downs) == 1 else torch.cat([_to(d, dtype) for d in downs])
-        ys = [b @ _to(D, b.dtype).t() for b in bases]  # (out, T), in the bases' dtype: no copy of a base
-        G = D @ D.t()
-        ug, uu = _unit_rows(ug), _unit_rows(uu)
-        n_rows, gated = g0.shape[0], u0 is not None
-        out = [torch.empty(n_rows, dtype=dtype, device=g0.device) for _ in range(3 if gated else 1)]
-        yu, ru, c = (ys[1], out[1], out[2]) if gated else (ys[0], out[0], out[0])  # placeholders where not gated
-        s0u, s0c = (base_stats[1], base_stats[2]) if gated else (base_stats[0], base_stats[0])
-        ranks = (0 if ug is None else ug.shape[1], 0 if uu is None else uu.shape[1])
-        flags = dict(GATED=gated, HAS_G=ug is not None, HAS_U=uu is not None)
-        factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)  # placeholder pointers where absent
-        if n_rows:
-            tk.low_rank_stats_kernel[(-(-n_rows // LOW_RANK_ROWS),)](
-                ys[0], yu, *factors, G, base_stats[0], s0u, s0c, out[0], ru, c,
-                n_rows, D.shape[0], *ranks, float(scale_g), float(scale_u),
-                ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
-                **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(D.shape[0]),
-            )  # fmt: skip
-        ctx.save_for_backward(*bases, ug, uu, D, G, *ys)
-        ctx.dtypes = tuple(None if d is None else d.dtype for d in (dg, du))
-        ctx.meta = (gated, ranks, (scale_g, scale_u), flags)
-        return tuple(out) if gated else out[0]
+        out, saved, ctx.meta = _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats)
+        ctx.save_for_backward(*saved)
+        return tuple(out) if u0 is not None else out[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        gated, ranks, scales, flags = ctx.meta
-        saved = ctx.saved_tensors
-        bases, (ug, uu, D, G), ys = saved[: 1 + gated], saved[1 + gated : 5 + gated], saved[5 + gated :]
-        n_rows, rank_t, dtype = bases[0].shape[0], D.shape[0], G.dtype
-        grads = [torch.zeros(n_rows, dtype=dtype, device=D.device) if g is None else g.contiguous() for g in grads]
-        grg, gru, gc = grads if gated else (grads[0], grads[0], grads[0])
-        dus = [None if u is None else torch.empty_like(u) for u in (ug, uu)]
-        dys = [torch.empty((n_rows, rank_t), dtype=b.dtype, device=D.device) for b in bases]  # in the bases' dtype
-        programs = -(-n_rows // LOW_RANK_ROWS)
-        part = torch.empty((programs, rank_t, rank_t), dtype=dtype, device=D.device)
-        yu, dyu = (ys[1], dys[1]) if gated else (ys[0], dys[0])
-        factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)
-        outs = (dys[0] if ug is None else dus[0], dys[0] if uu is None else dus[1])
-        if n_rows:
-            tk.low_rank_stats_backward_kernel[(programs,)](
-                ys[0], yu, *factors, G, grg, gru, gc, *outs, dys[0], dyu, part,
-                n_rows, rank_t, *ranks, float(scales[0]), float(scales[1]),
-                ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
-                outs[0].stride(0), outs[1].stride(0), dys[0].stride(0), dyu.stride(0),
-                **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(rank_t),
-            )  # fmt: skip
-        grad_D = part.sum(0) @ D  # through G = D D^T
-        for b, dy in zip(bases, dys):  # through Y_j = B_j D^T
-            grad_D = grad_D + _to(dy.t() @ b, dtype)
-        grad_dg = grad_du = None
-        if ug is not None:
-            grad_dg = _to(grad_D[: ranks[0]], ctx.dtypes[0])
-        if uu is not None:
-            grad_du = _to(grad_D[ranks[0] :], ctx.dtypes[1])
-        return None, None, dus[0], grad_dg, dus[1], grad_du, None, None, *(None for _ in range(3 if gated else 1))
+        dug, ddg, duu, ddu = _low_rank_backward(ctx.saved_tensors, ctx.meta, grads)
+        return None, None, dug, ddg, duu, ddu, None, None, *(None for _ in grads)
 
 
 def frozen_bases_stats(w_gate, w_up=None) -> tuple[Tensor, ...]:
@@ -271,10 +283,10 @@ def frozen_bases_stats(w_gate, w_up=None) -> tuple[Tensor, ...]:
         return tuple(_to(t, dtype) for t in stats)
 
 
-def low_rank_stats(w_gate, w_up=None, base_stats=None):
-    """The row statistics of a site's weights, at least one of them :class:`~hf_dreg.ops.low_rank.LowRankRows`
-    with a frozen base, as one :class:`LowRankStats` node: r (``w_up`` None) or (rg, ru, c).
-    ``base_stats``, the bases' own (:func:`frozen_bases_stats`), is computed when not given."""
+def low_rank_inputs(w_gate, w_up=None, base_stats=None) -> tuple:
+    """The inputs of :class:`LowRankStats` (and of a site node with ``source=LOW_RANK``) for a site's weights,
+    at least one of them :class:`~hf_dreg.ops.low_rank.LowRankRows` with a frozen base. ``base_stats``, the
+    bases' own (:func:`frozen_bases_stats`), is computed when not given."""
     from .low_rank import LowRankRows, rows_base
 
     if base_stats is None:
@@ -290,26 +302,59 @@ def low_rank_stats(w_gate, w_up=None, base_stats=None):
             args.append((None, None, 1.0))
     (ug, dg, sg), (uu, du, su) = args
     u0 = None if w_up is None else rows_base(w_up)
-    return LowRankStats.apply(rows_base(w_gate), u0, ug, dg, uu, du, sg, su, *base_stats)
+    return (rows_base(w_gate), u0, ug, dg, uu, du, sg, su, *base_stats)
+
+
+def low_rank_stats(w_gate, w_up=None, base_stats=None):
+    """The row statistics of :func:`low_rank_inputs`' weights as one :class:`LowRankStats` node: r (``w_up``
+    None) or (rg, ru, c)."""
+    return LowRankStats.apply(*low_rank_inputs(w_gate, w_up, base_stats))
 
 
 # ---- the autograd Functions --------------------------------------------------------------------------
 
 
+WEIGHTS, STATS, LOW_RANK = "weights", "stats", "low_rank"  # what a site node's statistics inputs are
+
+
+def _stats_forward(source: str, inputs: tuple, gated: bool) -> tuple[tuple, tuple, object]:
+    """A site node's row statistics from its inputs: (the statistics, tensors to save for their backward, meta).
+
+    ``WEIGHTS``: the dense weight(s), the statistics computed here; ``STATS``: the statistics themselves;
+    ``LOW_RANK``: :func:`low_rank_inputs` (a LoRA-fed site: the statistics from the factors, in this node)."""
+    if source == WEIGHTS:
+        return ((row_stats(inputs[0]),) if not gated else gated_row_stats(*inputs)), inputs, None
+    if source == STATS:
+        return inputs, (), None
+    out, saved, meta = _low_rank_forward(*inputs)
+    return tuple(out), saved, meta
+
+
+def _stats_backward(source: str, saved: tuple, meta, grads: tuple, n_inputs: int, gated: bool) -> tuple:
+    """The gradients of a site node's statistics inputs from the statistics' gradients."""
+    if source == WEIGHTS:
+        return (row_stats_backward(saved[0], grads[0]),) if not gated else gated_row_stats_backward(*saved, *grads)
+    if source == STATS:
+        return tuple(grads)
+    dug, ddg, duu, ddu = _low_rank_backward(saved, meta, grads)
+    return (None, None, dug, ddg, duu, ddu, *(None for _ in range(n_inputs - 6)))
+
+
 class PlainSite(torch.autograd.Function):
     """A plain site as one node: p, or (a, p) with ``a`` passed through as the activation's output.
 
-    ``weight`` is the dense weight (``from_weight``: the row statistics are computed in this node) or the
-    row statistics r themselves. Kept for backward: z (or a, as the activation keeps), the weight, r.
+    ``stats`` are the dense weight (``source=WEIGHTS``: the row statistics are computed in this node), the row
+    statistics r themselves (``STATS``), or a LoRA-fed weight's :func:`low_rank_inputs` (``LOW_RANK``: r from the
+    factors, in this node). Kept for backward: z (or a, as the activation keeps), r, what r's backward needs.
     """
 
     @staticmethod
-    def forward(ctx, z, a, weight, spec, from_weight, with_output):
+    def forward(ctx, z, a, spec, source, with_output, *stats):
         s = (z if spec.saved == "input" else a).detach()
-        r = row_stats(weight) if from_weight else weight
+        (r,), saved, ctx.stats_meta = _stats_forward(source, stats, gated=False)
         p = plain_forward(s, r, spec)
-        ctx.save_for_backward(s, weight if from_weight else None, r)
-        ctx.spec, ctx.from_weight, ctx.with_output, ctx.z_dtype = spec, from_weight, with_output, z.dtype
+        ctx.save_for_backward(s, r, *saved)
+        ctx.spec, ctx.source, ctx.with_output, ctx.z_dtype = spec, source, with_output, z.dtype
         if with_output:
             ctx.set_materialize_grads(False)
             return a, p
@@ -318,34 +363,35 @@ class PlainSite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         grad_a, grad_p = grads if ctx.with_output else (None, grads[0])
-        s, weight, r = ctx.saved_tensors
+        s, r, *saved = ctx.saved_tensors
+        n_stats = len(ctx.needs_input_grad) - 5
         if grad_a is None and grad_p is None:
-            return None, None, None, None, None, None
+            return (None,) * (5 + n_stats)
         if grad_p is None:  # the penalty was not used (a layer recomputed by gradient checkpointing, eval)
             grad_p = torch.zeros(s.shape[:-1], dtype=r.dtype, device=s.device)
         grad_z, grad_r = plain_backward(s, r, grad_p, grad_a, ctx.z_dtype, ctx.spec)
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = row_stats_backward(weight, grad_r) if ctx.from_weight else grad_r
-        return grad_z, None, grad_weight, None, None, None
+        stat_grads = (None,) * n_stats
+        if any(ctx.needs_input_grad[5:]):
+            stat_grads = _stats_backward(ctx.source, saved, ctx.stats_meta, (grad_r,), n_stats, gated=False)
+        return (grad_z, None, None, None, None, *stat_grads)
 
 
 class GatedSite(torch.autograd.Function):
     """A gated site as one node: p, or (f(g) * u, p) where the gate's product is fused into the site.
 
-    ``stats`` is (W_g, W_u) with ``from_weight`` (the row statistics computed in this node), else
-    (rg, ru, c). Kept for backward: g (or f(g) for activations that keep their output), u, the weights
-    and the row statistics.
+    ``stats`` are (W_g, W_u) (``source=WEIGHTS``: the row statistics computed in this node), (rg, ru, c)
+    (``STATS``), or :func:`low_rank_inputs` (``LOW_RANK``: LoRA-fed weights, the statistics from the factors in
+    this node). Kept for backward: g (or f(g) for activations that keep their output), u, the row statistics
+    and what their backward needs.
     """
 
     @staticmethod
-    def forward(ctx, g, a, u, spec, from_weight, product, *stats):
+    def forward(ctx, g, a, u, spec, source, product, *stats):
         s = (g if spec.saved == "input" or a is None else a).detach()
-        rg, ru, c = gated_row_stats(*stats) if from_weight else stats
+        (rg, ru, c), saved, ctx.stats_meta = _stats_forward(source, stats, gated=True)
         p, h = gated_forward(s, u.detach(), rg, ru, c, spec, product)
-        weights = stats if from_weight else (None, None)
-        ctx.save_for_backward(s, u.detach(), *weights, rg, ru, c)
-        ctx.spec, ctx.from_weight, ctx.product, ctx.dtypes = spec, from_weight, product, (g.dtype, u.dtype)
+        ctx.save_for_backward(s, u.detach(), rg, ru, c, *saved)
+        ctx.spec, ctx.source, ctx.product, ctx.dtypes = spec, source, product, (g.dtype, u.dtype)
         if product:
             ctx.set_materialize_grads(False)
             return h, p
@@ -354,27 +400,27 @@ class GatedSite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         grad_h, grad_p = grads if ctx.product else (None, grads[0])
-        s, u, w_g, w_u, rg, ru, c = ctx.saved_tensors
-        n_stats = 2 if ctx.from_weight else 3
+        s, u, rg, ru, c, *saved = ctx.saved_tensors
+        n_stats = len(ctx.needs_input_grad) - 6
         if grad_h is None and grad_p is None:
             return (None,) * (6 + n_stats)
         if grad_p is None:
             grad_p = torch.zeros(s.shape[:-1], dtype=rg.dtype, device=s.device)
-        grad_g, grad_u, grad_rg, grad_ru, grad_c = gated_backward(s, u, rg, ru, c, grad_p, grad_h, ctx.dtypes, ctx.spec)
-        if not any(ctx.needs_input_grad[6:]):
-            stat_grads = (None,) * n_stats
-        elif ctx.from_weight:
-            stat_grads = gated_row_stats_backward(w_g, w_u, grad_rg, grad_ru, grad_c)
-        else:
-            stat_grads = (grad_rg, grad_ru, grad_c)
+        grad_g, grad_u, *grad_stats = gated_backward(s, u, rg, ru, c, grad_p, grad_h, ctx.dtypes, ctx.spec)
+        stat_grads = (None,) * n_stats
+        if any(ctx.needs_input_grad[6:]):
+            stat_grads = _stats_backward(ctx.source, saved, ctx.stats_meta, grad_stats, n_stats, gated=True)
         return (grad_g, None, grad_u, None, None, None, *stat_grads)
 
 
-def plain_site(z: Tensor, a: Tensor, weight: Tensor, spec: ActivationSpec, from_weight: bool = True, with_output: bool = True):
-    """(a, p) (``with_output``) or p of a plain site: :class:`PlainSite`."""
-    return PlainSite.apply(z, a, weight, spec, from_weight, with_output)
+def plain_site(z: Tensor, a: Tensor, stats, spec: ActivationSpec, source: str = WEIGHTS, with_output: bool = True):
+    """(a, p) (``with_output``) or p of a plain site: :class:`PlainSite`. ``stats``: the weight, (r,) or
+    :func:`low_rank_inputs`, as ``source`` says."""
+    stats = (stats,) if isinstance(stats, Tensor) else tuple(stats)
+    return PlainSite.apply(z, a, spec, source, with_output, *stats)
 
 
-def gated_site(g: Tensor, a: Tensor | None, u: Tensor, stats: tuple, spec: ActivationSpec, from_weight: bool = True, product: bool = False):
+def gated_site(g: Tensor, a: Tensor | None, u: Tensor, stats: tuple, spec: ActivationSpec, source: str = WEIGHTS,
+               product: bool = False):  # fmt: skip
     """p, or (f(g) * u, p) with ``product``, of a gated site: :class:`GatedSite`."""
-    return GatedSite.apply(g, a, u, spec, from_weight, product, *stats)
+    return GatedSite.apply(g, a, u, spec, source, product, *stats)

@@ -101,6 +101,7 @@ class _MarkedKernel:
     under TRITON_INTERPRET=1 the interpreter's own copies) is counted as one launch, not as operators."""
 
     skip = False  # dreg-triton-glue: launches skipped
+    label = False  # under the profiler only (op_counts): a label costs host time of its own, not a launch's
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -109,6 +110,8 @@ class _MarkedKernel:
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
+            if not _MarkedKernel.label:
+                return None if _MarkedKernel.skip else launch(*args, **kwargs)
             with torch.profiler.record_function(LAUNCH):
                 return None if _MarkedKernel.skip else launch(*args, **kwargs)
 
@@ -138,9 +141,13 @@ def mark_triton_launches() -> None:
 def op_counts(contender, batch, cuda: bool) -> Counter:
     """Every profiler key's count in one step; what runs inside a Triton launch is left out (the launch is one key)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        contender.step(batch)
-        contender.sync()
+    _MarkedKernel.label = True
+    try:
+        with profile(activities=activities) as prof:
+            contender.step(batch)
+            contender.sync()
+    finally:
+        _MarkedKernel.label = False
     counts: Counter = Counter()
     for event in prof.events():
         parent, inside = event.cpu_parent, False
