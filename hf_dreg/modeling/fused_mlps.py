@@ -1,4 +1,4 @@
-"""Gated MLPs whose activation is no module: Liger Kernel's fused MLPs.
+"""Gated MLPs whose product DREG's kernels compute: Liger Kernel's fused MLPs, and transformers' own.
 
 ``liger_kernel.transformers.apply_liger_kernel_to_*`` (and TRL's ``use_liger_kernel=True``) give a gated
 MLP the forward ``down_proj(LigerGELUMulFunction.apply(gate_proj(x), up_proj(x)))``: f(g) * u is one
@@ -9,6 +9,12 @@ instance), without importing liger_kernel. Such an MLP is a site of kind ``fused
 attached its forward (this instance only, put back by ``detach()``) computes the product and the
 penalty in one node of hf_dreg's own kernels (:func:`hf_dreg.ops.triton_functions.gated_site` with
 ``product=True`` on a GPU), in place of Liger's function.
+
+transformers' own gated MLP (LlamaMLP, GemmaMLP, Gemma2MLP, Qwen2MLP, MistralMLP and their copies in most
+decoder models) computes the same ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with its activation a
+module. Under the ``triton`` family DREG gives such an MLP the same forward (:func:`is_transformers_gated_mlp`
+says which: its forward's bytecode is that expression's): the activation, the product and the penalty are
+then one node, one kernel each way, instead of the model's two elementwise operators and DREG's node.
 """
 
 from __future__ import annotations
@@ -38,6 +44,31 @@ def fused_mlp_spec(module: nn.Module) -> ActivationSpec | None:
     if spec is None or not all(isinstance(getattr(module, name, None), nn.Module) for name in _LAYERS):
         return None
     return spec
+
+
+def _transformers_gated_forward(self, x):
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _transformers_gated_forward_returned(self, x):
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+_GATED_FORWARD_CODES = tuple(f.__code__ for f in (_transformers_gated_forward, _transformers_gated_forward_returned))
+
+
+def is_transformers_gated_mlp(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, the gated MLP
+    transformers copies into its decoder models (compared by bytecode and names, so a subclass, a decorated or
+    an edited forward is not one) and its four parts are modules."""
+    code = getattr(getattr(module.forward, "__func__", None), "__code__", None)
+    if code is None or not any(
+        code.co_code == ref.co_code and code.co_names == ref.co_names and code.co_argcount == ref.co_argcount
+        and not code.co_freevars for ref in _GATED_FORWARD_CODES
+    ):  # fmt: skip
+        return False
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in (*_LAYERS, "act_fn"))
 
 
 def unfused_activation(spec: ActivationSpec):

@@ -36,11 +36,11 @@ from ..ops.low_rank import (
     weight_gated_row_stats,
     weight_row_stats,
 )
-from .fused_mlps import fused_mlp_spec, unfused_activation
+from .fused_mlps import fused_mlp_spec, is_transformers_gated_mlp, unfused_activation
 from .layers import penalty_weight_rows
 from .positions import position_masks
 from .sharding import Tie, check_zero3, first_grad_tensor, fsdp2_owner, gate
-from .sites import FUSED_MLP, PLAIN, Site, find_sites
+from .sites import FUSED_MLP, GATED, PLAIN, Site, find_sites
 
 # model -> its attached handle: a model carries at most one DREG attachment at a time
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DREGHandle]" = weakref.WeakKeyDictionary()
@@ -135,6 +135,8 @@ class DREGHandle:
                 roles.setdefault(site.up, []).append((site, "up"))
             if site.kind == FUSED_MLP:
                 self._replace_forward(modules[site.name], self._fused_mlp_forward(site, modules))
+            elif (mlp := self._product_mlp(site, modules)) is not None:  # its activation runs inside the new forward
+                self._replace_forward(mlp, self._fused_mlp_forward(site, modules, act=modules[site.name]))
             else:
                 self._hooks.append(modules[site.name].register_forward_hook(self._activation_hook(site)))
         for path, entries in roles.items():
@@ -253,19 +255,34 @@ class DREGHandle:
 
         return hook
 
-    def _fused_mlp_forward(self, site: Site, modules: dict):
-        """The forward of a fused gated MLP (Liger Kernel's): down(f(gate(x)) * up(x)), the product and the
-        site's penalty from one node of hf_dreg's kernels (the gate's and up's weights read in their hooks)."""
+    def _product_mlp(self, site: Site, modules: dict) -> nn.Module | None:
+        """The MLP of a gated site whose forward the triton family replaces, computing the product f(g) * u in the
+        site's node: transformers' own gated MLP (:func:`~hf_dreg.modeling.fused_mlps.is_transformers_gated_mlp`)
+        whose parts are this site's. None for any other site (its activation is hooked)."""
+        if self.kernels != "triton" or site.kind != GATED or site.gate_chunk or site.up_chunk or not self._specs[site.name].kernel:
+            return None
+        mlp = modules.get(site.name.rpartition(".")[0])
+        if mlp is None or not is_transformers_gated_mlp(mlp):
+            return None
+        parts = {"act_fn": site.name, "gate_proj": site.gate, "up_proj": site.up, "down_proj": site.output}
+        return mlp if all(getattr(mlp, attr) is modules.get(path) for attr, path in parts.items()) else None
+
+    def _fused_mlp_forward(self, site: Site, modules: dict, act=None):
+        """The forward of a gated MLP whose product is one call: down(f(gate(x)) * up(x)), the product and the
+        site's penalty from one node of hf_dreg's kernels (the gate's and up's weights read in their hooks).
+
+        Liger Kernel's fused MLPs (``act`` None: torch's function of the activation), and under the triton family
+        transformers' own gated MLPs (``act``: the MLP's activation module, which gets no hook then)."""
         gate, up, down = modules[site.gate], modules[site.up], modules[site.output]
         spec = self._specs[site.name]
-        act = unfused_activation(spec)
+        act = unfused_activation(spec) if act is None else act
 
         def forward(x):
             g, u = gate(x), up(x)
             pieces = self._pieces[site.name]
             if pieces.w_gate is None or pieces.w_up is None:  # the layers' hooks did not run (a hook-less call): no penalty
                 return down(act(g) * u)
-            if self._direct_kernels():
+            if self._direct_kernels() and g.dtype == u.dtype:  # the product in the model's dtype
                 source, stats = self._site_stats(site, pieces.w_gate, pieces.w_up)
                 h, p = self._triton.gated_site(g, None, u, stats, spec, source=source, product=True)
             else:

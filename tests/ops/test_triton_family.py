@@ -253,3 +253,72 @@ def test_lora_row_statistics_kernels_in_float32_with_a_lora_scaling_match_float6
     for a, b in zip(ga, gb):
         assert a.dtype == torch.float32
         _close(a.double(), b, "gradient")
+
+
+def test_transformers_gated_mlps_compute_their_product_in_the_sites_node():
+    """Under the triton family a Gemma MLP's forward is replaced (this instance only): its activation module is no
+    longer called (the product f(g) * u comes from the site's kernel), the model's outputs are those of the model
+    without DREG, and detach() puts every forward back with the state dict untouched."""
+    model = tiny_model("gemma").eval()
+    inputs = tiny_inputs(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    calls = []
+    acts = [m.mlp.act_fn for m in model.model.layers]
+    counters = [act.register_forward_hook(lambda *_: calls.append(1)) for act in acts]
+    with hf_dreg.attach(model, kernels="triton") as handle:
+        replaced = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+        calls.clear()  # attach's probe ran the model's own forward
+        out = model(**inputs)
+        handle.penalty()
+    assert replaced == [f"model.layers.{i}.mlp" for i in range(len(acts))]
+    assert not calls, "the activation module ran: the product was not computed in the site's node"
+    torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    model(**inputs)
+    assert len(calls) == len(acts)  # the model's own forward again
+    for h in counters:
+        h.remove()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_only_the_exact_transformers_gated_forward_is_replaced():
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+
+    from hf_dreg.modeling.fused_mlps import is_transformers_gated_mlp
+
+    class Scaled(GemmaMLP):  # the same parts, another expression: must keep the hooks
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0.5)
+
+    model = tiny_model("gemma").eval()
+    config = model.config
+    assert is_transformers_gated_mlp(model.model.layers[0].mlp)
+    assert is_transformers_gated_mlp(tiny_model("llama").model.layers[0].mlp)
+    scaled = Scaled(config)
+    scaled.load_state_dict(model.model.layers[0].mlp.state_dict())
+    assert not is_transformers_gated_mlp(scaled)
+    model.model.layers[0].mlp = scaled
+    inputs = tiny_inputs(model)
+    p0, g0 = _penalty_and_grads(model, inputs, "eager")
+    with hf_dreg.attach(model, kernels="triton"):
+        assert "forward" not in scaled.__dict__ and "forward" in model.model.layers[1].mlp.__dict__
+    p1, g1 = _penalty_and_grads(model, inputs, "triton")
+    _close(p1, p0, "penalty")
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_the_replaced_gated_forward_under_gradient_checkpointing_equals_eager_without_it():
+    """Recomputed in backward, the replaced MLP forward must give the same product and gradients, and its
+    penalty must be counted once."""
+    model = tiny_model("gemma").train()  # checkpointing runs in training mode; the tiny Gemma has no dropout
+    inputs = tiny_inputs(model)
+    p0, g0 = _penalty_and_grads(model, inputs, "eager")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    p1, g1 = _penalty_and_grads(model, inputs, "triton")
+    _close(p1, p0, "penalty")
+    scale = max(g.abs().max().item() for g in g0.values())
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], rtol=1e-5, atol=1e-6 * scale), name
