@@ -198,3 +198,23 @@ def test_profile_step_counts_what_dreg_adds_to_the_plain_step(tmp_path):
     assert all(isinstance(equivalents[n], float) for n in ("dreg-eager", "dreg-fused", "dreg-parts"))
     assert json.loads((tmp_path / "profile.json").read_text()) == json.loads(json.dumps([result]))
     assert "dreg-fused" in (tmp_path / "profile.txt").read_text()
+
+
+def test_glue_ablation_times_each_part_removed_and_puts_everything_back(tmp_path, monkeypatch):
+    """study/benchmarks/glue_ablation.py on a tiny Gemma-2 with LoRA: every variant timed, the report written, the
+    patched functions restored afterwards; without the interpreter it refuses with the variable to set."""
+    pytest.importorskip("peft")
+    from hf_dreg.modeling import hooks
+
+    ablation = _load("glue_ablation")
+    before = (hooks.penalty_weight_rows, hooks.DREGHandle._site_stats, hooks.DREGHandle._product_mlp)
+    result = ablation.main(["--shape", "gemma2-tiny-lora:2x8:1", "--rounds", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert (hooks.penalty_weight_rows, hooks.DREGHandle._site_stats, hooks.DREGHandle._product_mlp) == before
+    assert list(result["variants"]) == list(ablation.VARIANTS) and result["sites"] == 1
+    assert all(isinstance(row["ratio"], float) and row["ratio"] > 0 for row in result["variants"].values())
+    assert json.loads((tmp_path / "ablation.json").read_text()) == json.loads(json.dumps(result))
+    assert "stats-constant" in (tmp_path / "ablation.txt").read_text()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit) as refused:
+        ablation.main(["--out", str(tmp_path / "no")])
+    assert refused.value.code == 2
