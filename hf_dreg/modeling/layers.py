@@ -173,16 +173,48 @@ def penalty_weight_rows(module: nn.Module, read=_read) -> Tensor | LowRankRows:
     adapters = _checked_lora_adapters(module)
     if not adapters:
         return weight_rows(module, read)
+    key = _rows_key(module, adapters) if read is _read else None
+    if key is not None:
+        cached = _LORA_ROWS.get(module)
+        if cached is not None and _same(cached[0], key):
+            return cached[1]
     base = _as_rows(module.base_layer, read(module.base_layer.weight))
     dtype = compute_dtype(torch.promote_types(base.dtype, module.lora_B[adapters[0]].weight.dtype))
     scaling = module.scaling[adapters[0]]
     if len(adapters) == 1 and isinstance(scaling, (int, float)):  # the usual case: no stacking, the scaling kept apart
         up = _in_dtype(read(module.lora_B[adapters[0]].weight), dtype)
         down = _in_dtype(read(module.lora_A[adapters[0]].weight), dtype)
-        return LowRankRows(base, up, down, float(scaling))
+        rows = LowRankRows(base, up, down, float(scaling))
+        if key is not None and all(t is k for t, k in zip((base, up, down), key[1:4])):  # the parameters themselves
+            _LORA_ROWS[module] = (key, rows)
+        return rows
     ups = [_in_dtype(read(module.lora_B[a].weight), dtype) * module.scaling[a] for a in adapters]
     downs = [_in_dtype(read(module.lora_A[a].weight), dtype) for a in adapters]
     return LowRankRows(base, torch.cat(ups, dim=1), torch.cat(downs, dim=0))
+
+
+_LORA_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (_rows_key, its LowRankRows)
+
+
+def _rows_key(module: nn.Module, adapters: list[str]) -> tuple | None:
+    """What a LoRA layer's :class:`LowRankRows` depend on, read from the modules' own dicts (no ``__getattr__``):
+    the active adapter, the base weight, ``lora_B``'s and ``lora_A``'s weights (the Parameter objects: their values
+    and ``.data`` are read through them), the scaling and the weights' dtypes. None where the rows are not kept between calls: several
+    adapters, or inside a torch.compile trace (a weakly keyed cache must not enter its guards)."""
+    if len(adapters) != 1 or torch.compiler.is_compiling():
+        return None
+    (adapter,) = adapters
+    try:
+        base = module._modules["base_layer"]._parameters["weight"]
+        up = module._modules["lora_B"]._modules[adapter]._parameters["weight"]
+        down = module._modules["lora_A"]._modules[adapter]._parameters["weight"]
+    except (KeyError, AttributeError, TypeError):
+        return None
+    return (adapter, base, up, down, module.scaling[adapter], base.dtype, up.dtype, down.dtype)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3] and a[4:] == b[4:]
 
 
 def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

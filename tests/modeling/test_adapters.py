@@ -208,3 +208,45 @@ def test_ia3_away_from_the_sites_works_and_equals_the_merged_model():
             m(**inputs)
             values.append(handle.penalty().item())
     assert abs(values[0] - values[1]) <= 1e-6 * values[1], values
+
+
+@pytest.mark.parametrize("kernels", ["eager", "triton"])
+def test_lora_rows_kept_between_steps_follow_every_change_of_the_layer(kernels):
+    """The LoRA rows a layer's read keeps between forwards (the same Parameters, read again each step) must follow
+    in-place updates, a replaced Parameter, a new scaling, a switch of the active adapter and a dtype change: each
+    time the penalty equals the hand formula of the layer as it is then."""
+    model = _adapter_model("lora")
+    inputs = tiny_inputs(model.base_model.model)
+    layer = model.base_model.model.bert.encoder.layer[0].intermediate.dense
+
+    def check():
+        with torch.no_grad():
+            model(**inputs)
+            ours = handle.penalty()
+        by_hand = _hand_penalty(model, inputs)
+        assert abs(ours.item() - by_hand.item()) <= 1e-5 * by_hand.item(), (ours.item(), by_hand.item())
+        return ours.item()
+
+    handle = hf_dreg.attach(model, kernels=kernels)
+    try:
+        values = [check(), check()]  # the second read from what the first kept
+        with torch.no_grad():
+            layer.lora_B["default"].weight.mul_(2.0)  # an optimizer's in-place step
+        values.append(check())
+        layer.lora_A["default"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_A["default"].weight))
+        values.append(check())
+        layer.scaling["default"] = 5.0
+        values.append(check())
+        model.add_adapter("other", _configs()["lora"]())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B.other" in name:
+                    p.copy_(torch.randn_like(p))
+        model.set_adapter("other")
+        values.append(check())
+        model.set_adapter("default")
+        model.double()  # .data swapped under the same Parameters
+        values.append(check())
+    finally:
+        handle.detach()
+    assert values[0] == values[1] and len(set(values[1:])) == len(values) - 1, values  # every change changed it
