@@ -102,10 +102,6 @@ class DREGHandle:
             triton_functions.check_device(device)
             self._triton = triton_functions
         self.fused = self.kernels == "compiled"
-        # the frozen LoRA bases' own row statistics, per site: (signature of the bases, statistics); not kept
-        # where the weights are sharded (FSDP gathers them into storage it frees and refills)
-        self._base_stats: dict[str, tuple] = {}
-        self._cache_bases = not _sharded(model)
         modules = dict(model.named_modules())
         self._layers = {path: modules[path] for site in sites for path in (site.gate, site.up) if path}
         check_zero3(model)
@@ -196,9 +192,6 @@ class DREGHandle:
             # prepended: before FSDP2's own post-forward hook, which registers its pre-backward hook on the outputs
             self._owner_hooks.append(unit.register_forward_hook(self._unit_hook, prepend=True))
         self._read = self._gated_read if units else None
-        if units:  # gathered weights live in storage FSDP2 frees and refills: never cache their statistics
-            self._cache_bases = False
-            self._base_stats = {}
 
     def _gated_read(self, anchor):
         return lambda w: gate(w, anchor)
@@ -307,25 +300,16 @@ class DREGHandle:
 
     def _site_stats(self, site, w_gate, w_up=None) -> tuple[str, tuple]:
         """(source, inputs) of a site node's row statistics (:mod:`hf_dreg.ops.triton_functions`): the dense
-        weights; for LoRA-fed weights on frozen bases the factors (the statistics from them inside the site's
-        node), the bases' own statistics computed once per version of the bases; on trained bases the statistics."""
+        weights; for LoRA-fed weights on frozen bases the factors (the statistics from them and the bases inside
+        the site's node); on trained bases the statistics."""
         t = self._triton
         weights = (w_gate,) if w_up is None else (w_gate, w_up)
         if not any(isinstance(w, LowRankRows) for w in weights):
             return t.WEIGHTS, weights
-        bases = [w.base if isinstance(w, LowRankRows) else w for w in weights]
-        if any(b.requires_grad for b in bases):  # a trained base: the general route
+        if any((w.base if isinstance(w, LowRankRows) else w).requires_grad for w in weights):  # a trained base: the general route
             stats = weight_row_stats(w_gate) if w_up is None else weight_gated_row_stats(w_gate, w_up)
             return t.STATS, (stats,) if w_up is None else stats
-        signature = tuple((b.data_ptr(), b._version, b.dtype, tuple(b.shape), b.stride()) for b in bases)
-        cached = self._base_stats.get(site.name)
-        if cached is not None and cached[0] == signature:
-            stats = cached[1]
-        else:
-            stats = t.frozen_bases_stats(w_gate, w_up)
-            if self._cache_bases:
-                self._base_stats[site.name] = (signature, stats)
-        return t.LOW_RANK, t.low_rank_inputs(w_gate, w_up, stats)
+        return t.LOW_RANK, t.low_rank_inputs(w_gate, w_up)
 
     def _record(self, site: Site, p: Tensor) -> None:
         self._pieces[site.name] = _Pieces()
@@ -503,7 +487,6 @@ class DREGHandle:
         self._masks = {}
         self._last = {}
         self._pieces = {site.name: _Pieces() for site in self.sites}
-        self._base_stats = {}
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
@@ -518,17 +501,6 @@ class DREGHandle:
         for site in self.sites:
             kinds[site.kind] = kinds.get(site.kind, 0) + 1
         return f"DREGHandle({len(self.sites)} sites: {kinds})"
-
-
-def _sharded(model: nn.Module) -> bool:
-    """Whether the model's weights are sharded (FSDP1/2, DeepSpeed ZeRO-3): gathered weights live in reused storage."""
-    for module in model.modules():
-        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or type(module).__name__.startswith("FSDP"):
-            return True
-    for p in model.parameters():
-        if hasattr(p, "ds_id") or type(p).__name__ in ("DTensor", "FlatParameter"):
-            return True
-    return False
 
 
 def _refuse_virtual_tokens(model: nn.Module) -> None:

@@ -93,22 +93,23 @@ def row_stats_backward(w: Tensor, grad_r: Tensor) -> Tensor:
     return grad_w
 
 
-def gated_row_stats(w_g: Tensor, w_u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def gated_row_stats(w_g: Tensor, w_u: Tensor) -> Tensor:
+    """(rg, ru, c) as the rows of one (3, m) tensor: a gated site's statistics travel as one."""
     w_g, w_u = _rows(w_g, w_g.shape[-1]), _rows(w_u, w_u.shape[-1])
-    dtype = compute_dtype(w_g.dtype)
-    rg, ru, c = (torch.empty(w_g.shape[0], dtype=dtype, device=w_g.device) for _ in range(3))
+    stats = torch.empty((3, w_g.shape[0]), dtype=compute_dtype(w_g.dtype), device=w_g.device)
     block = tk.block_size(w_g.shape[1])
-    tk.gated_row_stats_kernel[(w_g.shape[0],)](w_g, w_u, rg, ru, c, w_g.stride(0), w_u.stride(0), w_g.shape[1], BLOCK=block)
-    return rg, ru, c
+    if w_g.shape[0]:
+        tk.gated_row_stats_kernel[(w_g.shape[0],)](w_g, w_u, stats, w_g.stride(0), w_u.stride(0), w_g.shape[1], BLOCK=block)
+    return stats
 
 
-def gated_row_stats_backward(w_g, w_u, grad_rg, grad_ru, grad_c) -> tuple[Tensor, Tensor]:
+def gated_row_stats_backward(w_g, w_u, grad_stats) -> tuple[Tensor, Tensor]:
     w_g, w_u = _rows(w_g, w_g.shape[-1]), _rows(w_u, w_u.shape[-1])
     grad_g, grad_u = torch.empty_like(w_g), torch.empty_like(w_u)
     block = tk.block_size(w_g.shape[1])
     grid = (w_g.shape[0], -(-w_g.shape[1] // block))
     tk.gated_row_stats_backward_kernel[grid](
-        w_g, w_u, grad_rg.contiguous(), grad_ru.contiguous(), grad_c.contiguous(), grad_g, grad_u,
+        w_g, w_u, _positions(grad_stats), grad_g, grad_u,
         w_g.stride(0), w_u.stride(0), grad_g.stride(0), grad_u.stride(0), w_g.shape[1], BLOCK=block,
     )  # fmt: skip
     return grad_g, grad_u
@@ -117,69 +118,87 @@ def gated_row_stats_backward(w_g, w_u, grad_rg, grad_ru, grad_c) -> tuple[Tensor
 # ---- the sites' passes -----------------------------------------------------------------------------
 
 
+def _flat(t: Tensor, m: int) -> tuple[Tensor, int]:
+    """(t, or a copy, whose positions are rows of m units at unit stride; the stride between rows). A contiguous
+    t is passed as it is: a kernel takes a pointer, no view of it is needed."""
+    if t.is_contiguous():
+        return t, m
+    flat = t.reshape(-1, m)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return flat, flat.stride(0)
+
+
+def _positions(t: Tensor) -> Tensor:
+    """A per-position tensor (a penalty's gradient: often an expanded scalar) as contiguous values."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def plain_forward(s: Tensor, r: Tensor, spec: ActivationSpec) -> Tensor:
     m = s.shape[-1]
-    flat = _rows(s, m)
-    p = torch.empty(flat.shape[0], dtype=r.dtype, device=s.device)
-    if flat.shape[0]:
-        tk.plain_forward_kernel[(flat.shape[0],)](flat, r, p, flat.stride(0), m, **_act(spec), BLOCK=tk.block_size(m, FORWARD_BLOCK))
-    return p.reshape(s.shape[:-1])
+    flat, stride = _flat(s, m)
+    p = torch.empty(s.shape[:-1], dtype=r.dtype, device=s.device)
+    n = p.numel()
+    if n:
+        tk.plain_forward_kernel[(n,)](flat, r, p, stride, m, **_act(spec), BLOCK=tk.block_size(m, FORWARD_BLOCK))
+    return p
 
 
 def plain_backward(s, r, grad_p, grad_a, z_dtype, spec) -> tuple[Tensor, Tensor]:
     m = s.shape[-1]
-    flat = _rows(s, m)
-    n = flat.shape[0]
-    grad_z = torch.empty((n, m), dtype=z_dtype, device=s.device)
+    flat, stride = _flat(s, m)
+    grad_z = torch.empty(s.shape, dtype=z_dtype, device=s.device)
+    n = grad_z.numel() // m if m else 0
     programs = _grid_rows(n)
     part = torch.empty((programs, m), dtype=r.dtype, device=s.device)
     block = tk.block_size(m, BACKWARD_BLOCK)
-    ga = _rows(grad_a, m) if grad_a is not None else flat  # a placeholder pointer where HAS_GA is off
+    ga, stride_ga = _flat(grad_a, m) if grad_a is not None else (flat, stride)  # a placeholder pointer where HAS_GA is off
     tk.plain_backward_kernel[(programs, -(-m // block))](
-        flat, r, grad_p.reshape(-1).contiguous(), ga, grad_z, part, n, m, flat.stride(0), ga.stride(0), grad_z.stride(0),
+        flat, r, _positions(grad_p), ga, grad_z, part, n, m, stride, stride_ga, m,
         HAS_GA=grad_a is not None, **_act(spec), ROWS=ROWS, BLOCK=block,
     )  # fmt: skip
-    return grad_z.reshape(s.shape), part.sum(0)
+    return grad_z, part.sum(0)
 
 
-def gated_forward(s, u, rg, ru, c, spec, product: bool) -> tuple[Tensor, Tensor | None]:
+def gated_forward(s, u, stats, spec, product: bool) -> tuple[Tensor, Tensor | None]:
     m = s.shape[-1]
-    flat, uf = _rows(s, m), _rows(u, m)
-    n = flat.shape[0]
-    p = torch.empty(n, dtype=rg.dtype, device=s.device)
-    h = torch.empty((n, m), dtype=u.dtype, device=s.device) if product else None
+    (flat, stride), (uf, stride_u) = _flat(s, m), _flat(u, m)
+    p = torch.empty(s.shape[:-1], dtype=stats.dtype, device=s.device)
+    h = torch.empty(u.shape, dtype=u.dtype, device=s.device) if product else None
+    n = p.numel()
     if n:
-        out = h if product else uf  # a placeholder pointer where HAS_H is off
+        out, stride_h = (h, m) if product else (uf, stride_u)  # a placeholder pointer where HAS_H is off
         tk.gated_forward_kernel[(n,)](
-            flat, uf, rg, ru, c, p, out, flat.stride(0), uf.stride(0), out.stride(0), m,
+            flat, uf, stats, p, out, stride, stride_u, stride_h, m,
             HAS_H=product, **_act(spec), BLOCK=tk.block_size(m, FORWARD_BLOCK),
         )  # fmt: skip
-    return p.reshape(s.shape[:-1]), (h.reshape(u.shape) if product else None)
+    return p, h
 
 
-def gated_backward(s, u, rg, ru, c, grad_p, grad_h, dtypes, spec):
+def gated_backward(s, u, stats, grad_p, grad_h, dtypes, spec):
     m = s.shape[-1]
-    flat, uf = _rows(s, m), _rows(u, m)
-    n = flat.shape[0]
-    grad_g = torch.empty((n, m), dtype=dtypes[0], device=s.device)
-    grad_u = torch.empty((n, m), dtype=dtypes[1], device=s.device)
+    (flat, stride), (uf, stride_u) = _flat(s, m), _flat(u, m)
+    grad_g = torch.empty(s.shape, dtype=dtypes[0], device=s.device)
+    grad_u = torch.empty(u.shape, dtype=dtypes[1], device=s.device)
+    n = grad_g.numel() // m if m else 0
     programs = _grid_rows(n)
-    part = torch.empty((3, programs, m), dtype=rg.dtype, device=s.device)
+    part = torch.empty((3, programs, m), dtype=stats.dtype, device=s.device)
     block = tk.block_size(m, BACKWARD_BLOCK)
-    gh = _rows(grad_h, m) if grad_h is not None else uf
+    gh, stride_gh = _flat(grad_h, m) if grad_h is not None else (uf, stride_u)
     tk.gated_backward_kernel[(programs, -(-m // block))](
-        flat, uf, rg, ru, c, grad_p.reshape(-1).contiguous(), gh, grad_g, grad_u, part, n, m, programs,
-        flat.stride(0), uf.stride(0), gh.stride(0), grad_g.stride(0), grad_u.stride(0),
+        flat, uf, stats, _positions(grad_p), gh, grad_g, grad_u, part, n, m, programs,
+        stride, stride_u, stride_gh, m, m,
         HAS_GH=grad_h is not None, **_act(spec), ROWS=ROWS, BLOCK=block,
     )  # fmt: skip
-    grad_rg, grad_ru, grad_c = part.sum(1).unbind(0)
-    return grad_g.reshape(s.shape), grad_u.reshape(u.shape), grad_rg, grad_ru, grad_c
+    return grad_g, grad_u, part.sum(1)
 
 
 # ---- a LoRA-fed site's row statistics, from the factors ---------------------------------------------
 
 
 LOW_RANK_ROWS = 32  # rows of the weights per program of the low-rank statistics' kernels
+LOW_RANK_BLOCK = 64  # columns of the weights per step (forward) and per program (D's gradient)
+SPLIT_ROWS = 1024  # D's gradient: a weight with more rows has it summed from parts of this many rows
 
 
 def _unit_rows(t: Tensor | None) -> Tensor | None:
@@ -190,125 +209,117 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats):
-    """The row statistics [r] or [rg, ru, c] of :class:`LowRankStats`, with what their backward needs:
-    (statistics, tensors to save, meta)."""
-    dtype = base_stats[0].dtype
-    bases = (g0,) if u0 is None else (g0, u0)
-    downs = [d for d in (dg, du) if d is not None]
-    D = _to(downs[0], dtype) if len(downs) == 1 else torch.cat([_to(d, dtype) for d in downs])
-    dt = _to(D, g0.dtype).t()
-    ys = [torch.mm(b, dt if b.dtype == g0.dtype else _to(D, b.dtype).t()) for b in bases]  # (out, T), in the bases' dtype
-    G = torch.mm(D, D.t())
-    ug, uu = _unit_rows(ug), _unit_rows(uu)
-    n_rows, gated = g0.shape[0], u0 is not None
-    out = [torch.empty(n_rows, dtype=dtype, device=g0.device) for _ in range(3 if gated else 1)]
-    yu, ru, c = (ys[1], out[1], out[2]) if gated else (ys[0], out[0], out[0])  # placeholders where not gated
-    s0u, s0c = (base_stats[1], base_stats[2]) if gated else (base_stats[0], base_stats[0])
+def _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u):
+    """The row statistics [r] or [rg, ru, c] of :class:`LowRankStats` in one launch, with what their backward
+    needs: (statistics, tensors to save, meta)."""
+    gated = u0 is not None
+    if gated and u0.dtype != g0.dtype:
+        u0 = _to(u0, torch.promote_types(g0.dtype, u0.dtype))
+        g0 = _to(g0, u0.dtype)
+    g0, u0, ug, dg, uu, du = (_unit_rows(t) for t in (g0, u0, ug, dg, uu, du))
+    dtype = g0.dtype
+    for x in (ug, uu):
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    dtype = compute_dtype(dtype)
+    n_rows, n_cols = g0.shape
     ranks = (0 if ug is None else ug.shape[1], 0 if uu is None else uu.shape[1])
-    flags = dict(GATED=gated, HAS_G=ug is not None, HAS_U=uu is not None)
-    factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)  # placeholder pointers where absent
+    rank_t = ranks[0] + ranks[1]
+    device = g0.device
+    out = torch.empty((3, n_rows) if gated else n_rows, dtype=dtype, device=device)
+    y = torch.empty((n_rows, (2 if gated else 1) * rank_t), dtype=dtype, device=device)
+    gm = torch.empty((rank_t, rank_t), dtype=dtype, device=device)
+    u0_, ug_, uu_, dg_, du_ = (g0 if x is None else x for x in (u0, ug, uu, dg, du))  # placeholder pointers where absent
+    meta = (gated, ranks, float(scale_g), float(scale_u), tk.block_size(rank_t))
     if n_rows:
         tk.low_rank_stats_kernel[(-(-n_rows // LOW_RANK_ROWS),)](
-            ys[0], yu, *factors, G, base_stats[0], s0u, s0c, out[0], ru, c,
-            n_rows, D.shape[0], *ranks, float(scale_g), float(scale_u),
-            ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
-            **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(D.shape[0]),
+            g0, u0_, ug_, uu_, dg_, du_, out, y, gm, n_rows, n_cols, *ranks, meta[2], meta[3],
+            g0.stride(0), u0_.stride(0), ug_.stride(0), uu_.stride(0), dg_.stride(0), du_.stride(0),
+            GATED=gated, HAS_G=ug is not None, HAS_U=uu is not None,
+            ROWS=LOW_RANK_ROWS, BLOCK_T=meta[4], BLOCK_K=LOW_RANK_BLOCK,
         )  # fmt: skip
-    meta = (gated, ranks, (scale_g, scale_u), flags, tuple(None if d is None else d.dtype for d in (dg, du)))
-    return out, (*bases, ug, uu, D, G, *ys), meta
+    return out, (g0, u0_, ug_, dg_, uu_, du_, y, gm), meta
 
 
-def _low_rank_backward(saved, meta, grads) -> tuple:
-    """(grad ug, grad dg, grad uu, grad du) of :func:`_low_rank_forward` from the statistics' gradients (None: zero)."""
-    gated, ranks, scales, flags, down_dtypes = meta
-    bases, (ug, uu, D, G), ys = saved[: 1 + gated], saved[1 + gated : 5 + gated], saved[5 + gated :]
-    n_rows, rank_t, dtype = bases[0].shape[0], D.shape[0], G.dtype
-    grads = [torch.zeros(n_rows, dtype=dtype, device=D.device) if g is None else g.contiguous() for g in grads]
-    grg, gru, gc = grads if gated else (grads[0], grads[0], grads[0])
-    dus = [None if u is None else torch.empty_like(u) for u in (ug, uu)]
-    dys = [torch.empty((n_rows, rank_t), dtype=b.dtype, device=D.device) for b in bases]  # in the bases' dtype
-    programs = -(-n_rows // LOW_RANK_ROWS)
-    part = torch.empty((programs, rank_t, rank_t), dtype=dtype, device=D.device)
-    yu, dyu = (ys[1], dys[1]) if gated else (ys[0], dys[0])
-    factors = (ys[0] if ug is None else ug, ys[0] if uu is None else uu)
-    outs = (dys[0] if ug is None else dus[0], dys[0] if uu is None else dus[1])
+def _low_rank_backward(saved, meta, grad) -> tuple:
+    """(grad ug, grad dg, grad uu, grad du) of :func:`_low_rank_forward` from the statistics' gradient (r's, or
+    (rg, ru, c)'s as one (3, n) tensor), in one launch (two where a weight has more than ``SPLIT_ROWS`` rows)."""
+    gated, ranks, scale_g, scale_u, block_t = meta
+    g0, u0, ug, dg, uu, du, y, gm = saved
+    has_g, has_u = ranks[0] > 0, ranks[1] > 0
+    n_rows, n_cols = g0.shape
+    grad = _positions(grad)
+    d_ug, d_uu = (torch.empty_like(ug) if has_g else None), (torch.empty_like(uu) if has_u else None)
+    d_dg, d_du = (torch.empty_like(dg) if has_g else None), (torch.empty_like(du) if has_u else None)
+    splits = max(1, -(-n_rows // SPLIT_ROWS))
+    rows_per_split = -(-n_rows // splits)
+    part = torch.empty((splits, ranks[0] + ranks[1], n_cols), dtype=gm.dtype, device=gm.device) if splits > 1 else gm
+    row_programs = -(-n_rows // LOW_RANK_ROWS)
+    programs = row_programs + splits * -(-n_cols // LOW_RANK_BLOCK)
+    outs = [g0 if x is None else x for x in (d_ug, d_uu, d_dg, d_du)]  # placeholder pointers where absent
     if n_rows:
         tk.low_rank_stats_backward_kernel[(programs,)](
-            ys[0], yu, *factors, G, grg, gru, gc, *outs, dys[0], dyu, part,
-            n_rows, rank_t, *ranks, float(scales[0]), float(scales[1]),
-            ys[0].stride(0), yu.stride(0), factors[0].stride(0), factors[1].stride(0),
-            outs[0].stride(0), outs[1].stride(0), dys[0].stride(0), dyu.stride(0),
-            **flags, ROWS=LOW_RANK_ROWS, BLOCK_T=tk.block_size(rank_t),
+            g0, u0, ug, uu, dg, du, y, gm, grad, *outs, part,
+            n_rows, n_cols, *ranks, scale_g, scale_u, row_programs, rows_per_split,
+            g0.stride(0), u0.stride(0), ug.stride(0), uu.stride(0), dg.stride(0), du.stride(0),
+            *(o.stride(0) for o in outs),
+            GATED=gated, HAS_G=has_g, HAS_U=has_u, SPLIT=splits > 1,
+            ROWS=LOW_RANK_ROWS, BLOCK_T=block_t, BLOCK_K=LOW_RANK_BLOCK,
         )  # fmt: skip
-    grad_D = torch.mm(part.sum(0), D)  # through G = D D^T
-    for b, dy in zip(bases, dys):  # through Y_j = B_j D^T
-        grad_D = torch.addmm(grad_D, dy.t(), b) if b.dtype == dtype else grad_D + _to(torch.mm(dy.t(), b), dtype)
-    grad_dg = None if ug is None else _to(grad_D[: ranks[0]], down_dtypes[0])
-    grad_du = None if uu is None else _to(grad_D[ranks[0] :], down_dtypes[1])
-    return dus[0], grad_dg, dus[1], grad_du
+    if splits > 1:
+        grad_d = part.sum(0)
+        d_dg = _to(grad_d[: ranks[0]], dg.dtype) if has_g else None
+        d_du = _to(grad_d[ranks[0] :], du.dtype) if has_u else None
+    return d_ug, d_dg, d_uu, d_du
 
 
 class LowRankStats(torch.autograd.Function):
     """The row statistics of a site's LoRA-fed weights as one node: r (plain) or (rg, ru, c) (gated).
 
     A site reads n = 1 or 2 weights W_j = B_j + s_j U_j D_j (U_j = ``lora_B``, D_j = ``lora_A``, s_j the
-    adapter's scaling; a dense weight has no factors). Torch takes the products that pass over a base,
-    Y_j = B_j D^T with D the present D_j stacked, and G = D D^T; one kernel each way does the rest per row
-    (:func:`~hf_dreg.ops.triton_kernels.low_rank_stats_kernel`). The bases are frozen: their own statistics
-    ``base_stats`` come in, computed once per version of the bases (:func:`frozen_bases_stats`). Kept for
-    backward: the bases (parameters), the factors, Y and G: (out, T) and (T, T) tensors, never an (out, in) one.
-    A site's own node (``source=LOW_RANK``) runs the same passes inside it, without this node.
+    adapter's scaling; a dense weight has no factors). One kernel each way
+    (:func:`~hf_dreg.ops.triton_kernels.low_rank_stats_kernel`): forward, one pass over the frozen bases B_j gives
+    their own statistics and Y_j = B_j D^T (D the present D_j stacked), G = D D^T, and the rows' statistics;
+    backward, the factors' gradients (D's through Y and G: dY^T B + (V^T dY) D). Kept for backward: the bases
+    (parameters), the factors, Y and G: (out, T) and (T, T) tensors, never an (out, in) one. A site's own node
+    (``source=LOW_RANK``) runs the same passes inside it, without this node.
     """
 
     @staticmethod
-    def forward(ctx, g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats):
-        out, saved, ctx.meta = _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u, *base_stats)
+    def forward(ctx, g0, u0, ug, dg, uu, du, scale_g, scale_u):
+        out, saved, ctx.meta = _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u)
         ctx.save_for_backward(*saved)
-        return tuple(out) if u0 is not None else out[0]
+        return tuple(out.unbind(0)) if u0 is not None else out
 
     @staticmethod
     def backward(ctx, *grads):
-        dug, ddg, duu, ddu = _low_rank_backward(ctx.saved_tensors, ctx.meta, grads)
-        return None, None, dug, ddg, duu, ddu, None, None, *(None for _ in grads)
+        grad = torch.stack(grads) if len(grads) > 1 else grads[0]
+        dug, ddg, duu, ddu = _low_rank_backward(ctx.saved_tensors, ctx.meta, grad)
+        return None, None, dug, ddg, duu, ddu, None, None
 
 
-def frozen_bases_stats(w_gate, w_up=None) -> tuple[Tensor, ...]:
-    """The frozen bases' own row statistics, (r,) or (rg, ru, c), in the statistics' dtype, no gradient."""
-    from .low_rank import rows_base, stats_dtype
-
-    dtype = stats_dtype(w_gate, *(() if w_up is None else (w_up,)))
-    with torch.no_grad():
-        stats = (row_stats(rows_base(w_gate)),) if w_up is None else gated_row_stats(rows_base(w_gate), rows_base(w_up))
-        return tuple(_to(t, dtype) for t in stats)
-
-
-def low_rank_inputs(w_gate, w_up=None, base_stats=None) -> tuple:
+def low_rank_inputs(w_gate, w_up=None) -> tuple:
     """The inputs of :class:`LowRankStats` (and of a site node with ``source=LOW_RANK``) for a site's weights,
-    at least one of them :class:`~hf_dreg.ops.low_rank.LowRankRows` with a frozen base. ``base_stats``, the
-    bases' own (:func:`frozen_bases_stats`), is computed when not given."""
-    from .low_rank import LowRankRows, rows_base
+    at least one of them :class:`~hf_dreg.ops.low_rank.LowRankRows` with a frozen base."""
+    from .low_rank import LowRankRows
 
-    if base_stats is None:
-        base_stats = frozen_bases_stats(w_gate, w_up)
     args = []
     for w in (w_gate, w_up):
         if isinstance(w, LowRankRows):
             up, scale = w.up, w.scale
-            if base_stats[0].dtype == torch.float64 and scale != 1.0:  # a kernel's float argument is a float32
+            if scale != 1.0 and torch.float64 in (w.base.dtype, up.dtype):  # a kernel's float argument is a float32
                 up, scale = up * scale, 1.0
-            args.append((up, w.down, scale))
+            args.append((w.base, up, w.down, scale))
         else:
-            args.append((None, None, 1.0))
-    (ug, dg, sg), (uu, du, su) = args
-    u0 = None if w_up is None else rows_base(w_up)
-    return (rows_base(w_gate), u0, ug, dg, uu, du, sg, su, *base_stats)
+            args.append((w, None, None, 1.0))
+    (g0, ug, dg, sg), (u0, uu, du, su) = args
+    return (g0, u0, ug, dg, uu, du, sg, su)
 
 
-def low_rank_stats(w_gate, w_up=None, base_stats=None):
+def low_rank_stats(w_gate, w_up=None):
     """The row statistics of :func:`low_rank_inputs`' weights as one :class:`LowRankStats` node: r (``w_up``
     None) or (rg, ru, c)."""
-    return LowRankStats.apply(*low_rank_inputs(w_gate, w_up, base_stats))
+    return LowRankStats.apply(*low_rank_inputs(w_gate, w_up))
 
 
 # ---- the autograd Functions --------------------------------------------------------------------------
@@ -317,26 +328,26 @@ def low_rank_stats(w_gate, w_up=None, base_stats=None):
 WEIGHTS, STATS, LOW_RANK = "weights", "stats", "low_rank"  # what a site node's statistics inputs are
 
 
-def _stats_forward(source: str, inputs: tuple, gated: bool) -> tuple[tuple, tuple, object]:
+def _stats_forward(source: str, inputs: tuple, gated: bool) -> tuple[Tensor, tuple, object]:
     """A site node's row statistics from its inputs: (the statistics, tensors to save for their backward, meta).
+    The statistics are r (m,), or a gated site's (rg, ru, c) as the rows of one (3, m) tensor.
 
     ``WEIGHTS``: the dense weight(s), the statistics computed here; ``STATS``: the statistics themselves;
     ``LOW_RANK``: :func:`low_rank_inputs` (a LoRA-fed site: the statistics from the factors, in this node)."""
     if source == WEIGHTS:
-        return ((row_stats(inputs[0]),) if not gated else gated_row_stats(*inputs)), inputs, None
+        return (gated_row_stats(*inputs) if gated else row_stats(inputs[0])), inputs, None
     if source == STATS:
-        return inputs, (), None
-    out, saved, meta = _low_rank_forward(*inputs)
-    return tuple(out), saved, meta
+        return (torch.stack(inputs) if gated else inputs[0]), (), None
+    return _low_rank_forward(*inputs)
 
 
-def _stats_backward(source: str, saved: tuple, meta, grads: tuple, n_inputs: int, gated: bool) -> tuple:
-    """The gradients of a site node's statistics inputs from the statistics' gradients."""
+def _stats_backward(source: str, saved: tuple, meta, grad: Tensor, n_inputs: int, gated: bool) -> tuple:
+    """The gradients of a site node's statistics inputs from the statistics' gradient (shaped as the statistics)."""
     if source == WEIGHTS:
-        return (row_stats_backward(saved[0], grads[0]),) if not gated else gated_row_stats_backward(*saved, *grads)
+        return gated_row_stats_backward(*saved, grad) if gated else (row_stats_backward(saved[0], grad),)
     if source == STATS:
-        return tuple(grads)
-    dug, ddg, duu, ddu = _low_rank_backward(saved, meta, grads)
+        return tuple(grad.unbind(0)) if gated else (grad,)
+    dug, ddg, duu, ddu = _low_rank_backward(saved, meta, grad)
     return (None, None, dug, ddg, duu, ddu, *(None for _ in range(n_inputs - 6)))
 
 
@@ -351,7 +362,7 @@ class PlainSite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, a, spec, source, with_output, *stats):
         s = (z if spec.saved == "input" else a).detach()
-        (r,), saved, ctx.stats_meta = _stats_forward(source, stats, gated=False)
+        r, saved, ctx.stats_meta = _stats_forward(source, stats, gated=False)
         p = plain_forward(s, r, spec)
         ctx.save_for_backward(s, r, *saved)
         ctx.spec, ctx.source, ctx.with_output, ctx.z_dtype = spec, source, with_output, z.dtype
@@ -372,7 +383,7 @@ class PlainSite(torch.autograd.Function):
         grad_z, grad_r = plain_backward(s, r, grad_p, grad_a, ctx.z_dtype, ctx.spec)
         stat_grads = (None,) * n_stats
         if any(ctx.needs_input_grad[5:]):
-            stat_grads = _stats_backward(ctx.source, saved, ctx.stats_meta, (grad_r,), n_stats, gated=False)
+            stat_grads = _stats_backward(ctx.source, saved, ctx.stats_meta, grad_r, n_stats, gated=False)
         return (grad_z, None, None, None, None, *stat_grads)
 
 
@@ -387,10 +398,10 @@ class GatedSite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, a, u, spec, source, product, *stats):
-        s = (g if spec.saved == "input" or a is None else a).detach()
-        (rg, ru, c), saved, ctx.stats_meta = _stats_forward(source, stats, gated=True)
-        p, h = gated_forward(s, u.detach(), rg, ru, c, spec, product)
-        ctx.save_for_backward(s, u.detach(), rg, ru, c, *saved)
+        s = g if spec.saved == "input" or a is None else a  # inputs, saved as they are (neither is an output)
+        st, saved, ctx.stats_meta = _stats_forward(source, stats, gated=True)
+        p, h = gated_forward(s, u, st, spec, product)
+        ctx.save_for_backward(s, u, st, *saved)
         ctx.spec, ctx.source, ctx.product, ctx.dtypes = spec, source, product, (g.dtype, u.dtype)
         if product:
             ctx.set_materialize_grads(False)
@@ -400,16 +411,16 @@ class GatedSite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         grad_h, grad_p = grads if ctx.product else (None, grads[0])
-        s, u, rg, ru, c, *saved = ctx.saved_tensors
+        s, u, st, *saved = ctx.saved_tensors
         n_stats = len(ctx.needs_input_grad) - 6
         if grad_h is None and grad_p is None:
             return (None,) * (6 + n_stats)
         if grad_p is None:
-            grad_p = torch.zeros(s.shape[:-1], dtype=rg.dtype, device=s.device)
-        grad_g, grad_u, *grad_stats = gated_backward(s, u, rg, ru, c, grad_p, grad_h, ctx.dtypes, ctx.spec)
+            grad_p = torch.zeros(s.shape[:-1], dtype=st.dtype, device=s.device)
+        grad_g, grad_u, grad_st = gated_backward(s, u, st, grad_p, grad_h, ctx.dtypes, ctx.spec)
         stat_grads = (None,) * n_stats
         if any(ctx.needs_input_grad[6:]):
-            stat_grads = _stats_backward(ctx.source, saved, ctx.stats_meta, grad_stats, n_stats, gated=True)
+            stat_grads = _stats_backward(ctx.source, saved, ctx.stats_meta, grad_st, n_stats, gated=True)
         return (grad_g, None, grad_u, None, None, None, *stat_grads)
 
 

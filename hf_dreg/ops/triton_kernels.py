@@ -119,11 +119,13 @@ def plain_backward_kernel(
 
 @triton.jit
 def gated_forward_kernel(
-    S, U, RG, RU, C, P, H, stride_s, stride_u, stride_h, n_cols,
+    S, U, ST, P, H, stride_s, stride_u, stride_h, n_cols,
     HAS_H: tl.constexpr, ACT: tl.constexpr, K: tl.constexpr, LOW: tl.constexpr, HIGH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """P[n] = (1/m) sum_i [q^2 RG + 2 q f C + f^2 RU], q = f'(g) u; H = f(g) u where the product is fused here."""
+    """P[n] = (1/m) sum_i [q^2 RG + 2 q f C + f^2 RU], q = f'(g) u; H = f(g) u where the product is fused here.
+    ST: the row statistics (RG, RU, C) as the rows of one (3, m) tensor."""
     row = tl.program_id(0).to(tl.int64)
+    RG, RU, C = ST, ST + n_cols, ST + 2 * n_cols
     dtype = RG.dtype.element_ty
     acc = tl.zeros([BLOCK], dtype=dtype)
     for start in range(0, n_cols, BLOCK):
@@ -144,7 +146,7 @@ def gated_forward_kernel(
 
 @triton.jit
 def gated_backward_kernel(
-    S, U, RG, RU, C, GP, GH, GG, GU, PART, n_rows, n_cols, n_programs,
+    S, U, ST, GP, GH, GG, GU, PART, n_rows, n_cols, n_programs,
     stride_s, stride_u, stride_gh, stride_gg, stride_gu,
     HAS_GH: tl.constexpr, ACT: tl.constexpr, K: tl.constexpr, LOW: tl.constexpr, HIGH: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -154,6 +156,7 @@ def gated_backward_kernel(
     pid_rows = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_mask = cols < n_cols
+    RG, RU, C = ST, ST + n_cols, ST + 2 * n_cols  # the (3, m) statistics
     dtype = RG.dtype.element_ty
     rg = tl.load(RG + cols, mask=col_mask, other=0.0)
     ru = tl.load(RU + cols, mask=col_mask, other=0.0)
@@ -203,9 +206,12 @@ def row_stats_kernel(W, R, stride_w, n_cols, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def gated_row_stats_kernel(WG, WU, RG, RU, C, stride_g, stride_u, n_cols, BLOCK: tl.constexpr):
-    """RG[i] = ||WG_i||^2, RU[i] = ||WU_i||^2, C[i] = <WG_i, WU_i>, one program per row."""
+def gated_row_stats_kernel(WG, WU, ST, stride_g, stride_u, n_cols, BLOCK: tl.constexpr):
+    """ST = (RG, RU, C), the rows of one (3, rows) tensor: RG[i] = ||WG_i||^2, RU[i] = ||WU_i||^2,
+    C[i] = <WG_i, WU_i>, one program per row."""
     row = tl.program_id(0).to(tl.int64)
+    n_rows = tl.num_programs(0)
+    RG, RU, C = ST, ST + n_rows, ST + 2 * n_rows
     dtype = RG.dtype.element_ty
     acc_g = tl.zeros([BLOCK], dtype=dtype)
     acc_u = tl.zeros([BLOCK], dtype=dtype)
@@ -236,10 +242,12 @@ def row_stats_backward_kernel(W, GR, GW, stride_w, stride_gw, n_cols, BLOCK: tl.
 
 @triton.jit
 def gated_row_stats_backward_kernel(
-    WG, WU, GRG, GRU, GC, GWG, GWU, stride_g, stride_u, stride_gg, stride_gu, n_cols, BLOCK: tl.constexpr
+    WG, WU, GST, GWG, GWU, stride_g, stride_u, stride_gg, stride_gu, n_cols, BLOCK: tl.constexpr
 ):
-    """GWG_i = 2 GRG_i WG_i + GC_i WU_i,  GWU_i = 2 GRU_i WU_i + GC_i WG_i."""
+    """GWG_i = 2 GRG_i WG_i + GC_i WU_i,  GWU_i = 2 GRU_i WU_i + GC_i WG_i; GST = (GRG, GRU, GC) as one (3, rows)."""
     row = tl.program_id(0).to(tl.int64)
+    n_rows = tl.num_programs(0)
+    GRG, GRU, GC = GST, GST + n_rows, GST + 2 * n_rows
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     grg = tl.load(GRG + row)
@@ -254,100 +262,196 @@ def gated_row_stats_backward_kernel(
 # ---- a LoRA-fed site's row statistics, from the factors -------------------------------------------------
 # The rows of a site's n weights (1: plain, 2: gated) are W_j = B_j + V_j D, D the present adapters' down factors
 # stacked (T, in), V_j = s_j U_j placed at its own columns of T (zeros elsewhere). Per row i, with Y_j = B_j D^T
-# (a product torch takes: the one pass over a base) and G = D D^T:
+# and G = D D^T:
 #     ||W_j,i||^2 = ||B_j,i||^2 + 2 V_j,i . Y_j,i + V_j,i G V_j,i,
 #     <W_g,i, W_u,i> = <B_g,i, B_u,i> + V_g,i . Y_u,i + V_u,i . Y_g,i + V_g,i G V_u,i.
-# One program per block of ROWS rows, one row at a time as vectors of the T columns (a LoRA rank is small).
+# Forward, one program per block of ROWS rows: one pass over the block's base rows gives the bases' own
+# statistics, Y (tl.dot with the stacked D) and G, then the rows' statistics. Backward, one launch of two kinds
+# of program: per block of rows, the up factors' gradients; per block of D's columns (and of rows, where a weight
+# has many), D's gradient dY^T B + (V^T dY) D, its sum over the rows in the program. A LoRA rank is small: T
+# (both adapters' ranks) is padded to BLOCK_T >= 16, the least a tl.dot takes.
 
 
 @triton.jit
-def _low_rank_rows(Y, U, row, stride_y, stride_u, t, t_mask, first, rank, scale, HAS: tl.constexpr, dtype: tl.constexpr):
-    """(Y_j,i, V_j,i): V_j,i is s_j U_j,i at columns [first, first + rank) of T, zeros elsewhere."""
-    y = tl.load(Y + row * stride_y + t, mask=t_mask, other=0.0).to(dtype)
+def _down(DG, DU, t, k, n_cols, rank_g, rank_u, stride_dg, stride_du, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+          dtype: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The stacked down factors D = [Dg; Du] at columns k, (BLOCK_T, BLOCK_K) in ``dtype``, zeros outside."""
+    inside = k[None, :] < n_cols
+    d = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
+    if HAS_G:
+        d += tl.load(DG + t[:, None] * stride_dg + k[None, :], mask=(t[:, None] < rank_g) & inside, other=0.0).to(dtype)
+    if HAS_U:
+        tu = tl.maximum(t - rank_g, 0)
+        mask = (t[:, None] >= rank_g) & (t[:, None] < rank_g + rank_u) & inside
+        d += tl.load(DU + tu[:, None] * stride_du + k[None, :], mask=mask, other=0.0).to(dtype)
+    return d
+
+
+@triton.jit
+def _up(U, rows, row_mask, t, first, rank, scale, stride_u, HAS: tl.constexpr, dtype: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """V_j at the block's rows: s_j U_j at columns [first, first + rank) of T, zeros elsewhere; (ROWS, BLOCK_T)."""
+    v = tl.zeros([ROWS, BLOCK_T], dtype=dtype)
     if HAS:
-        inside = (t >= first) & (t < first + rank)
-        v = tl.load(U + row * stride_u + (t - first), mask=inside, other=0.0).to(dtype) * scale
+        tu = tl.maximum(t - first, 0)
+        mask = row_mask[:, None] & (t[None, :] >= first) & (t[None, :] < first + rank)
+        v += tl.load(U + rows[:, None] * stride_u + tu[None, :], mask=mask, other=0.0).to(dtype) * scale
+    return v
+
+
+@triton.jit
+def _row_grads(GRG, GRU, GC, rows, row_mask, GATED: tl.constexpr, dtype: tl.constexpr):
+    """2 grg, 2 gru, gc at the block's rows (zeros past the end; plain: gru = gc = 0)."""
+    grg2 = 2.0 * tl.load(GRG + rows, mask=row_mask, other=0.0).to(dtype)
+    if GATED:
+        gru2 = 2.0 * tl.load(GRU + rows, mask=row_mask, other=0.0).to(dtype)
+        gc = tl.load(GC + rows, mask=row_mask, other=0.0).to(dtype)
     else:
-        v = y * 0.0
-    return y, v
+        gru2 = grg2 * 0.0
+        gc = grg2 * 0.0
+    return grg2, gru2, gc
 
 
 @triton.jit
 def low_rank_stats_kernel(
-    YG, YU, UG, UU, GM, S0G, S0U, S0C, RG, RU, C,
-    n_rows, rank_t, rank_g, rank_u, scale_g, scale_u, stride_yg, stride_yu, stride_ug, stride_uu,
-    GATED: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BG, BU, UG, UU, DG, DU, OUT, Y, GM,
+    n_rows, n_cols, rank_g, rank_u, scale_g, scale_u,
+    stride_bg, stride_bu, stride_ug, stride_uu, stride_dg, stride_du,
+    GATED: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """RG = S0G + 2 Vg.Yg + Vg G Vg (plain: that alone); gated also RU (the same for u) and
-    C = S0C + Vg.Yu + Vu.Yg + Vg G Vu. S0*: the bases' own statistics; the up factors' columns follow the gate's."""
+    """OUT[0] = RG = ||B_g||^2 + 2 Vg.Yg + Vg G Vg per row (plain: that alone); gated also OUT[1] = RU (the same
+    for u) and OUT[2] = C = <B_g, B_u> + Vg.Yu + Vu.Yg + Vg G Vu. Kept for backward: Y[i] = (Yg_i, Yu_i) and G
+    (stored by program 0). The products in the bases' dtype (D rounded to it, as torch's mm of the two would),
+    accumulated in the statistics' dtype."""
     pid = tl.program_id(0).to(tl.int64)
-    dtype = RG.dtype.element_ty
+    dtype = OUT.dtype.element_ty
+    bdt = BG.dtype.element_ty
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
     t = tl.arange(0, BLOCK_T)
-    t_mask = t < rank_t
-    gm = tl.load(GM + t[:, None] * rank_t + t[None, :], mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(dtype)
-    for i in range(0, ROWS):
-        row = pid * ROWS + i
-        ok = row < n_rows
-        row = tl.minimum(row, n_rows - 1)  # the last program's rows past the end: a valid row, not stored
-        yg, vg = _low_rank_rows(YG, UG, row, stride_yg, stride_ug, t, t_mask, 0, rank_g, scale_g, HAS_G, dtype)
-        vg_gm = tl.sum(vg[:, None] * gm, axis=0)
-        rg = tl.load(S0G + row).to(dtype) + tl.sum(vg * (2.0 * yg + vg_gm), axis=0)
-        tl.store(RG + row, rg, mask=ok)
+    rank_t = rank_g + rank_u
+    yg = tl.zeros([ROWS, BLOCK_T], dtype=dtype)
+    yu = tl.zeros([ROWS, BLOCK_T], dtype=dtype)
+    gm = tl.zeros([BLOCK_T, BLOCK_T], dtype=dtype)
+    s0g = tl.zeros([ROWS], dtype=dtype)
+    s0u = tl.zeros([ROWS], dtype=dtype)
+    s0c = tl.zeros([ROWS], dtype=dtype)
+    for start in range(0, n_cols, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (k[None, :] < n_cols)
+        d = _down(DG, DU, t, k, n_cols, rank_g, rank_u, stride_dg, stride_du, HAS_G, HAS_U, dtype, BLOCK_T, BLOCK_K)
+        gm = tl.dot(d, tl.trans(d), gm, input_precision="ieee")
+        dt = tl.trans(d.to(bdt))
+        bg = tl.load(BG + rows[:, None] * stride_bg + k[None, :], mask=mask, other=0.0)
+        yg = tl.dot(bg, dt, yg, input_precision="ieee")
+        bg = bg.to(dtype)
+        s0g += tl.sum(bg * bg, axis=1)
         if GATED:
-            yu, vu = _low_rank_rows(YU, UU, row, stride_yu, stride_uu, t, t_mask, rank_g, rank_u, scale_u, HAS_U, dtype)
-            vu_gm = tl.sum(vu[:, None] * gm, axis=0)
-            ru = tl.load(S0U + row).to(dtype) + tl.sum(vu * (2.0 * yu + vu_gm), axis=0)
-            c = tl.load(S0C + row).to(dtype) + tl.sum(vg * yu + vu * yg + vg_gm * vu, axis=0)
-            tl.store(RU + row, ru, mask=ok)
-            tl.store(C + row, c, mask=ok)
+            bu = tl.load(BU + rows[:, None] * stride_bu + k[None, :], mask=mask, other=0.0)
+            yu = tl.dot(bu, dt, yu, input_precision="ieee")
+            bu = bu.to(dtype)
+            s0u += tl.sum(bu * bu, axis=1)
+            s0c += tl.sum(bg * bu, axis=1)
+    vg = _up(UG, rows, row_mask, t, 0, rank_g, scale_g, stride_ug, HAS_G, dtype, ROWS, BLOCK_T)
+    vg_gm = tl.dot(vg, gm, input_precision="ieee", out_dtype=dtype)
+    t_mask = row_mask[:, None] & (t[None, :] < rank_t)
+    y_at = Y + rows[:, None] * (2 * rank_t if GATED else rank_t) + t[None, :]
+    tl.store(y_at, yg.to(Y.dtype.element_ty), mask=t_mask)
+    tl.store(OUT + rows, s0g + tl.sum(vg * (2.0 * yg + vg_gm), axis=1), mask=row_mask)
+    if GATED:
+        vu = _up(UU, rows, row_mask, t, rank_g, rank_u, scale_u, stride_uu, HAS_U, dtype, ROWS, BLOCK_T)
+        vu_gm = tl.dot(vu, gm, input_precision="ieee", out_dtype=dtype)
+        tl.store(y_at + rank_t, yu.to(Y.dtype.element_ty), mask=t_mask)
+        tl.store(OUT + n_rows + rows, s0u + tl.sum(vu * (2.0 * yu + vu_gm), axis=1), mask=row_mask)
+        tl.store(OUT + 2 * n_rows + rows, s0c + tl.sum(vg * yu + vu * yg + vg_gm * vu, axis=1), mask=row_mask)
+    if pid == 0:
+        tl.store(GM + t[:, None] * rank_t + t[None, :], gm, mask=(t[:, None] < rank_t) & (t[None, :] < rank_t))
 
 
 @triton.jit
 def low_rank_stats_backward_kernel(
-    YG, YU, UG, UU, GM, GRG, GRU, GC, DUG, DUU, DYG, DYU, PART,
-    n_rows, rank_t, rank_g, rank_u, scale_g, scale_u,
-    stride_yg, stride_yu, stride_ug, stride_uu, stride_dug, stride_duu, stride_dyg, stride_dyu,
-    GATED: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BG, BU, UG, UU, DG, DU, Y, GM, GR, DUG, DUU, DDG, DDU, PART,
+    n_rows, n_cols, rank_g, rank_u, scale_g, scale_u, row_programs, rows_per_split,
+    stride_bg, stride_bu, stride_ug, stride_uu, stride_dg, stride_du, stride_dug, stride_duu, stride_ddg, stride_ddu,
+    GATED: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, SPLIT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """With the statistics' gradients (grg, gru, gc) per row, 2 Gamma = [[2 grg, gc], [gc, 2 gru]]:
-    dV = 2 Gamma (Y + V G) (stored as s_j dV_j at U_j's columns: the up factors' gradients), dY = 2 Gamma V,
-    and PART[program] = sum over its rows of Vg (x) dYg + Vu (x) dYu = 2 dG (G = D D^T: dD gets PART D)."""
+    """With 2 Gamma = [[2 grg, gc], [gc, 2 gru]] per row (the statistics' gradients), A = Y + V G:
+    programs [0, row_programs), a block of rows each: dV = 2 Gamma A, stored as s_j dV_j at U_j's columns (the up
+    factors' gradients); the others, a block of D's columns and a range of rows each: with dY = 2 Gamma V,
+    dD = sum over the rows of dY_j^T B_j + (V_j^T dY_j) D (G = D D^T), stored at Dg's and Du's rows, or as the
+    range's part in PART (SPLIT: weights with many rows; summed after). GR: the statistics' gradients, (grg, gru,
+    gc) as the rows of one (3, n_rows) tensor (plain: grg alone)."""
     pid = tl.program_id(0).to(tl.int64)
-    dtype = PART.dtype.element_ty
+    GRG, GRU, GC = GR, GR + n_rows, GR + 2 * n_rows
+    dtype = GM.dtype.element_ty
+    bdt = BG.dtype.element_ty
     t = tl.arange(0, BLOCK_T)
-    t_mask = t < rank_t
-    gm = tl.load(GM + t[:, None] * rank_t + t[None, :], mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(dtype)
-    acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=dtype)
-    for i in range(0, ROWS):
-        row = pid * ROWS + i
-        ok = row < n_rows
-        ok_t = t_mask & (tl.zeros_like(t) + row < n_rows)  # a vector mask: the interpreter's broadcast of a scalar one is int32
-        row = tl.minimum(row, n_rows - 1)
-        yg, vg = _low_rank_rows(YG, UG, row, stride_yg, stride_ug, t, t_mask, 0, rank_g, scale_g, HAS_G, dtype)
-        ag = yg + tl.sum(vg[:, None] * gm, axis=0)
-        grg2 = tl.where(ok, 2.0 * tl.load(GRG + row).to(dtype), 0.0)
+    rank_t = rank_g + rank_u
+    if pid < row_programs:
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        gm = tl.load(GM + t[:, None] * rank_t + t[None, :], mask=(t[:, None] < rank_t) & (t[None, :] < rank_t), other=0.0)
+        t_mask = row_mask[:, None] & (t[None, :] < rank_t)
+        y_at = Y + rows[:, None] * (2 * rank_t if GATED else rank_t) + t[None, :]
+        grg2, gru2, gc = _row_grads(GRG, GRU, GC, rows, row_mask, GATED, dtype)
+        vg = _up(UG, rows, row_mask, t, 0, rank_g, scale_g, stride_ug, HAS_G, dtype, ROWS, BLOCK_T)
+        ag = tl.load(y_at, mask=t_mask, other=0.0).to(dtype) + tl.dot(vg, gm, input_precision="ieee", out_dtype=dtype)
         if GATED:
-            yu, vu = _low_rank_rows(YU, UU, row, stride_yu, stride_uu, t, t_mask, rank_g, rank_u, scale_u, HAS_U, dtype)
-            au = yu + tl.sum(vu[:, None] * gm, axis=0)
-            gru2 = tl.where(ok, 2.0 * tl.load(GRU + row).to(dtype), 0.0)
-            gc = tl.where(ok, tl.load(GC + row).to(dtype), 0.0)
-            dvg = grg2 * ag + gc * au
-            dvu = gc * ag + gru2 * au
-            dyg = grg2 * vg + gc * vu
-            dyu = gc * vg + gru2 * vu
-            tl.store(DYU + row * stride_dyu + t, dyu.to(DYU.dtype.element_ty), mask=ok_t)
-            acc += vg[:, None] * dyg[None, :] + vu[:, None] * dyu[None, :]
+            vu = _up(UU, rows, row_mask, t, rank_g, rank_u, scale_u, stride_uu, HAS_U, dtype, ROWS, BLOCK_T)
+            au = tl.load(y_at + rank_t, mask=t_mask, other=0.0).to(dtype) + tl.dot(vu, gm, input_precision="ieee", out_dtype=dtype)
+            dvg = grg2[:, None] * ag + gc[:, None] * au
             if HAS_U:
-                inside = (t >= rank_g) & (t < rank_g + rank_u) & ok_t
-                tl.store(DUU + row * stride_duu + (t - rank_g), (scale_u * dvu).to(DUU.dtype.element_ty), mask=inside)
+                dvu = gc[:, None] * ag + gru2[:, None] * au
+                tu = tl.maximum(t - rank_g, 0)
+                inside = row_mask[:, None] & (t[None, :] >= rank_g) & (t[None, :] < rank_t)
+                tl.store(DUU + rows[:, None] * stride_duu + tu[None, :], (scale_u * dvu).to(DUU.dtype.element_ty), mask=inside)
         else:
-            dvg = grg2 * ag
-            dyg = grg2 * vg
-            acc += vg[:, None] * dyg[None, :]
-        tl.store(DYG + row * stride_dyg + t, dyg.to(DYG.dtype.element_ty), mask=ok_t)
+            dvg = grg2[:, None] * ag
         if HAS_G:
-            tl.store(DUG + row * stride_dug + t, (scale_g * dvg).to(DUG.dtype.element_ty), mask=(t < rank_g) & ok_t)
-    tl.store(PART + pid * rank_t * rank_t + t[:, None] * rank_t + t[None, :], acc, mask=t_mask[:, None] & t_mask[None, :])
+            inside = row_mask[:, None] & (t[None, :] < rank_g)
+            tl.store(DUG + rows[:, None] * stride_dug + t[None, :], (scale_g * dvg).to(DUG.dtype.element_ty), mask=inside)
+    else:
+        q = pid - row_programs
+        n_blocks = tl.cdiv(n_cols, BLOCK_K)
+        split = q // n_blocks
+        k = (q % n_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = k < n_cols
+        first = split * rows_per_split
+        last = tl.minimum(first + rows_per_split, n_rows)
+        acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
+        acc_g = tl.zeros([BLOCK_T, BLOCK_T], dtype=dtype)
+        for start in range(first, last, ROWS):
+            rows = start + tl.arange(0, ROWS)
+            row_mask = rows < last
+            mask = row_mask[:, None] & k_mask[None, :]
+            grg2, gru2, gc = _row_grads(GRG, GRU, GC, rows, row_mask, GATED, dtype)
+            vg = _up(UG, rows, row_mask, t, 0, rank_g, scale_g, stride_ug, HAS_G, dtype, ROWS, BLOCK_T)
+            bg = tl.load(BG + rows[:, None] * stride_bg + k[None, :], mask=mask, other=0.0)
+            if GATED:
+                vu = _up(UU, rows, row_mask, t, rank_g, rank_u, scale_u, stride_uu, HAS_U, dtype, ROWS, BLOCK_T)
+                dyg = grg2[:, None] * vg + gc[:, None] * vu
+                dyu = gc[:, None] * vg + gru2[:, None] * vu
+                bu = tl.load(BU + rows[:, None] * stride_bu + k[None, :], mask=mask, other=0.0)
+                acc = tl.dot(tl.trans(dyu.to(bdt)), bu, acc, input_precision="ieee")
+                acc_g = tl.dot(tl.trans(vu), dyu, acc_g, input_precision="ieee")
+            else:
+                dyg = grg2[:, None] * vg
+            acc = tl.dot(tl.trans(dyg.to(bdt)), bg, acc, input_precision="ieee")
+            acc_g = tl.dot(tl.trans(vg), dyg, acc_g, input_precision="ieee")
+        d = _down(DG, DU, t, k, n_cols, rank_g, rank_u, stride_dg, stride_du, HAS_G, HAS_U, dtype, BLOCK_T, BLOCK_K)
+        acc = tl.dot(acc_g, d, acc, input_precision="ieee")
+        if SPLIT:
+            at = PART + split * rank_t * n_cols + t[:, None] * n_cols + k[None, :]
+            tl.store(at, acc, mask=(t[:, None] < rank_t) & k_mask[None, :])
+        else:
+            if HAS_G:
+                tl.store(DDG + t[:, None] * stride_ddg + k[None, :], acc.to(DDG.dtype.element_ty), mask=(t[:, None] < rank_g) & k_mask[None, :])
+            if HAS_U:
+                tu = tl.maximum(t - rank_g, 0)
+                mask = (t[:, None] >= rank_g) & (t[:, None] < rank_t) & k_mask[None, :]
+                tl.store(DDU + tu[:, None] * stride_ddu + k[None, :], acc.to(DDU.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,7 +60,8 @@ class _Ablation:
             t = handle._triton
             if source == t.LOW_RANK:
                 with torch.no_grad():
-                    inputs = tuple(t._low_rank_forward(*inputs)[0])
+                    stats = t._low_rank_forward(*inputs)[0]
+                    inputs = tuple(stats.unbind(0)) if stats.dim() == 2 else (stats,)
                 source = t.STATS
             self._stats[key] = (handle, source, tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
         return self._stats[key][1:]

@@ -168,14 +168,13 @@ def test_the_triton_family_on_a_cpu_without_the_interpreter_is_refused_with_the_
 
 
 def test_the_frozen_bases_statistics_follow_an_in_place_change_of_the_weights():
-    """Under LoRA the bases' own row statistics are kept between steps: a weight changed in place (its
-    version moves) is read again, so the penalty is still the eager family's."""
+    """Under LoRA the bases' own row statistics come from the bases in every step's kernel: a weight changed in
+    place is read again, so the penalty is still the eager family's."""
     model = _lora_gemma().eval()
     inputs = tiny_inputs(model.base_model.model)
     with hf_dreg.attach(model, kernels="triton") as handle:
         model(**inputs)
         first = handle.penalty().detach()
-        assert handle._base_stats  # kept
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "base_layer" in name and "mlp" in name:
@@ -187,33 +186,42 @@ def test_the_frozen_bases_statistics_follow_an_in_place_change_of_the_weights():
     _close(second, p_eager, "penalty after the change")
 
 
-def _factored(rows, rank, scale, dtype, g):
+def _factored(rows, rank, scale, dtype, g, cols=5):
     from hf_dreg.ops.low_rank import LowRankRows
 
-    return LowRankRows(torch.randn(rows, 5, generator=g, dtype=torch.float64).to(dtype),
+    return LowRankRows(torch.randn(rows, cols, generator=g, dtype=torch.float64).to(dtype),
                        torch.randn(rows, rank, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True),
-                       torch.randn(rank, 5, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True), scale)  # fmt: skip
+                       torch.randn(rank, cols, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True), scale)  # fmt: skip
 
 
 # (gate rank, up rank or None: plain, 0: a dense up weight); a gate rank 0 is a dense gate weight
 RANK_CASES = [(3, None), (3, 2), (3, 0), (0, 2)]
 
 
-@pytest.mark.parametrize("rows", [7, 70])  # one program; three, the last ragged (32 rows each)
+# (rows, columns, rows per part of D's gradient): one program each way; three row programs, the last ragged
+# (32 rows each), and three column blocks, the last ragged (64 columns each); the same with D's gradient summed
+# from three parts of 32 rows (what a weight with more than SPLIT_ROWS rows gets)
+LOW_RANK_SHAPES = [(7, 5, None), (70, 150, None), (70, 150, 32)]
+
+
+@pytest.mark.parametrize("shape", LOW_RANK_SHAPES, ids=str)
 @pytest.mark.parametrize("scale", [1.0, 2.0, 0.5])
 @pytest.mark.parametrize("ranks", RANK_CASES, ids=str)
-def test_lora_row_statistics_kernels_equal_the_general_route_in_float64(ranks, scale, rows):
+def test_lora_row_statistics_kernels_equal_the_general_route_in_float64(ranks, scale, shape, monkeypatch):
     """The LowRankStats kernels (scaling applied in them) against the torch general route: values and the
-    gradients of both factors, each weight factored or dense, on one program and on several."""
+    gradients of both factors, each weight factored or dense, on one program and on several each way."""
     from hf_dreg.ops.low_rank import LowRankRows, weight_gated_row_stats, weight_row_stats
 
-    g = torch.Generator().manual_seed(rows + int(4 * scale))
+    rows, cols, split_rows = shape
+    if split_rows:
+        monkeypatch.setattr(triton_functions, "SPLIT_ROWS", split_rows)
+    g = torch.Generator().manual_seed(rows + cols + int(4 * scale))
     gate, up = ranks
 
     def weight(rank):
         if rank:
-            return _factored(rows, rank, scale, torch.float64, g)
-        return torch.randn(rows, 5, generator=g, dtype=torch.float64)
+            return _factored(rows, rank, scale, torch.float64, g, cols)
+        return torch.randn(rows, cols, generator=g, dtype=torch.float64)
 
     w_gate, w_up = weight(gate), None if up is None else weight(up)
     leaves = [t for w in (w_gate, w_up) if isinstance(w, LowRankRows) for t in (w.up, w.down)]
