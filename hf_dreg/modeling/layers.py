@@ -224,6 +224,20 @@ def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 _LORA_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (its adapter state, the adapters)
 
 
+def _adapter_state(module: nn.Module) -> tuple:
+    """What a LoRA layer's adapter checks depend on: its active adapters, its adapters, which are merged, whether
+    adapters are disabled. Read from the attributes behind PEFT's properties where they are (``_active_adapter``,
+    ``merged_adapters``, ``_disable_adapters``: a step reads each feeding layer once, and the properties cost
+    microseconds), through the properties elsewhere."""
+    d = module.__dict__
+    lora_a = module._modules.get("lora_A")
+    if lora_a is not None and "_active_adapter" in d and "merged_adapters" in d and "_disable_adapters" in d:
+        active = d["_active_adapter"]
+        return (active if isinstance(active, str) else tuple(active), tuple(lora_a._modules), tuple(d["merged_adapters"]),
+                d["_disable_adapters"])  # fmt: skip
+    return (tuple(module.active_adapters), tuple(module.lora_A.keys()), module.merged, module.disable_adapters)
+
+
 def _checked_lora_adapters(module: nn.Module) -> list[str] | None:
     """The active adapters of a LoRA layer on a plain base, checked as supported; None for any other layer.
 
@@ -233,8 +247,8 @@ def _checked_lora_adapters(module: nn.Module) -> list[str] | None:
     state = None
     # not inside a torch.compile trace: there the checks are traced into guards on the layer's attributes, and a
     # lookup in this weak-keyed cache would put its entries, which die with their modules, into the guards
-    if getattr(module, "lora_A", None) is not None and not torch.compiler.is_compiling():
-        state = (tuple(module.active_adapters), tuple(module.lora_A.keys()), module.merged, module.disable_adapters)
+    if module._modules.get("lora_A") is not None and not torch.compiler.is_compiling():
+        state = _adapter_state(module)
         cached = _LORA_CHECKS.get(module)
         if cached is not None and cached[0] == state:
             return cached[1]
