@@ -123,9 +123,7 @@ def _flat(t: Tensor, m: int) -> tuple[Tensor, int]:
     t is passed as it is: a kernel takes a pointer, no view of it is needed."""
     if t.is_contiguous():
         return t, m
-    flat = t.reshape(-1, m)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    flat = _rows(t, m)
     return flat, flat.stride(0)
 
 
