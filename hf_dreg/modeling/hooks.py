@@ -372,11 +372,20 @@ class DREGHandle:
         Stops recording, so that layers recomputed by gradient checkpointing during backward are
         not counted twice; the next forward of the model starts a new record.
         """
+        found = {}
+        for sites, totals, count in self.site_groups(attention_mask, masks):
+            for site, total in zip(sites, totals.unbind(0)):
+                found[site.name] = (site, total, count)
+        return [found[site.name] for site in self.sites if site.name in found]
+
+    def site_groups(self, attention_mask: Tensor | None = None, masks: dict[str, Tensor] | None = None) -> list[tuple[list[Site], Tensor, Tensor]]:
+        """:meth:`site_sums` as groups of sites of one kind of position, shape and dtype, summed together (a few
+        operators per step, not per site): (sites, their sums as one (len(sites),) tensor, the positions' count)."""
         self._recording = False
         masks = dict(self._masks if masks is None else masks)
         if attention_mask is not None:
             masks["attention_mask"] = attention_mask
-        groups: dict = {}  # sites of one mask and shape are summed together: a few operators per step, not per site
+        groups: dict = {}
         for site in self.sites:
             p = self._records.get(site.name)
             if p is None:
@@ -389,11 +398,11 @@ class DREGHandle:
                     "(PEFT prompt/prefix tuning's virtual tokens, a custom 4-D mask): DREG cannot tell padding from "
                     "tokens there. Use LoRA instead of prompt tuning, or pass a 2-D mask of the positions the model computes."
                 )
-            key = (site.mask_key if mask is not None else None, tuple(p.shape), p.dtype, p.device)
+            key = (site.mask_key, mask is not None, tuple(p.shape), p.dtype, p.device)
             groups.setdefault(key, ([], [], mask))[0].append(site)
             groups[key][1].append(p)
-        found = {}
-        for (_, shape, dtype, device), (sites, ps, mask) in groups.items():
+        out = []
+        for (_, _, shape, dtype, device), (sites, ps, mask) in groups.items():
             stacked = torch.stack(ps) if len(ps) > 1 else ps[0].unsqueeze(0)
             if mask is None:
                 totals = stacked.reshape(len(ps), -1).sum(-1)
@@ -402,9 +411,8 @@ class DREGHandle:
                 weights = mask.to(device=device, dtype=dtype)
                 totals = (stacked * weights).reshape(len(ps), -1).sum(-1)
                 count = weights.sum()
-            for site, total in zip(sites, totals.unbind(0)):
-                found[site.name] = (site, total, count)
-        return [found[site.name] for site in self.sites if site.name in found]
+            out.append((sites, totals, count))
+        return out
 
     def penalty(self, attention_mask: Tensor | None = None, num_positions=None) -> Tensor:
         """Mean over sites of the per-site DREG value (lambda not applied) for the last forward.

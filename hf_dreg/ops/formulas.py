@@ -50,6 +50,9 @@ from .activations import ActivationSpec
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype DREG's statistics and penalty are computed in: float32 at least."""
+    if dtype is torch.float32 or dtype is torch.float64:  # the common case without an operator call (promote_types is one)
+        return dtype
     return torch.promote_types(dtype, torch.float32)
 
 

@@ -55,10 +55,9 @@ class LowRankRows:
 def _dtype(*weights) -> torch.dtype:
     dtype = torch.float32
     for w in weights:
-        if isinstance(w, LowRankRows):
-            dtype = torch.promote_types(dtype, torch.promote_types(w.base.dtype, w.up.dtype))
-        else:
-            dtype = torch.promote_types(dtype, w.dtype)
+        for t in (w.base, w.up) if isinstance(w, LowRankRows) else (w,):
+            if t.dtype != dtype:  # (promote_types is an operator call: only where dtypes differ)
+                dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 

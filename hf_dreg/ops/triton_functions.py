@@ -217,7 +217,7 @@ def _low_rank_forward(g0, u0, ug, dg, uu, du, scale_g, scale_u):
     g0, u0, ug, dg, uu, du = (_unit_rows(t) for t in (g0, u0, ug, dg, uu, du))
     dtype = g0.dtype
     for x in (ug, uu):
-        if x is not None:
+        if x is not None and x.dtype != dtype:  # (promote_types is an operator call: only where dtypes differ)
             dtype = torch.promote_types(dtype, x.dtype)
     dtype = compute_dtype(dtype)
     n_rows, n_cols = g0.shape

@@ -24,7 +24,7 @@ class DREG(Regularizer):
         self.kernels = config.dreg_kernels
         self.log_per_site = config.dreg_log_per_site
         self.handle: DREGHandle | None = None
-        self.last_values: dict = {}
+        self._last: tuple = ((), None)
         self._warned_missing = False
         logger.info(f"DREG sites (lambda={config.dreg_lambda}): {len(self.sites)}")
 
@@ -41,9 +41,11 @@ class DREG(Regularizer):
         if self.handle is None:
             raise RuntimeError("DREG is not attached: the trainer attaches it for train(), evaluate() and predict().")
         loss, outputs = task_loss(model, inputs)
-        sums = self.handle.site_sums(masks=step.masks)
-        names = [site.name for site, _, _ in sums]
-        if len(sums) < len(self.sites) and not self._warned_missing and model.training:
+        training = model.training and torch.is_grad_enabled()
+        groups = self.handle.site_groups(masks=step.masks) if training else None
+        sums = None if training else self.handle.site_sums(masks=step.masks)
+        names = [site.name for sites, _, _ in groups for site in sites] if training else [site.name for site, _, _ in sums]
+        if len(names) < len(self.sites) and not self._warned_missing and model.training:
             self._warned_missing = True
             missing = sorted({site.name for site in self.sites} - set(names))
             logger.warning(
@@ -51,15 +53,27 @@ class DREG(Regularizer):
                 f"{' ...' if len(missing) > 3 else ''}): their modules did not run, or the model was patched after DREG "
                 "attached (a kernel patch replacing the MLPs' forward). The penalty covers the other sites only."
             )
-        if model.training and torch.is_grad_enabled():
+        if training and not groups:
+            raise RuntimeError(
+                f"No DREG site computed a value in this forward (of {len(self.sites)} sites found at attach): their modules "
+                "did not run, or a patch replaced the MLPs' forward after DREG attached. Patch the model (Liger Kernel, "
+                "torch.compile) before building the trainer, or pass dreg_lambda=0 to train without DREG."
+            )
+        if training:
             # logged as this micro-batch's share of the step: averaged over the step's micro-batches and
             # processes it is the step's penalty, the one in the loss
-            per_site = self.step_normalised(sums, step)
+            per_site = self.step_normalised(groups, step)
             term = per_site.mean()
-            self.last_values = dict(zip(names, per_site.detach()))  # for the finite check at the next logging step
+            self._last = (names, per_site.detach())  # for the finite check at the next logging step
             extra = {f"dreg/{n}": v.detach() for n, v in zip(names, per_site)} if self.log_per_site else {}
             return loss, outputs, Penalty(term=term, value=term.detach(), extra=extra)
         return loss, outputs, Penalty(parts=self.parts_of(sums))
+
+    @property
+    def last_values(self) -> dict[str, torch.Tensor]:
+        """Every site's share of the step's DREG in the last training forward (the trainer's finite check)."""
+        names, values = self._last
+        return dict(zip(names, values.unbind(0))) if values is not None else {}
 
     def parts_of(self, sums) -> dict[str, torch.Tensor]:
         """(sum, count) of every site, under the logged names: the value is sum / count, mean over sites."""
@@ -74,26 +88,23 @@ class DREG(Regularizer):
         return self.parts_of(self.handle.site_sums(masks=masks))
 
     @staticmethod
-    def step_normalised(sums, step):
-        """This micro-batch's share of the step's DREG, per site (the penalty is their mean).
+    def step_normalised(groups, step):
+        """This micro-batch's share of the step's DREG, per site (the penalty is their mean), from the
+        handle's :meth:`~hf_dreg.DREGHandle.site_groups`, in their order.
 
         Sites whose positions were counted for the whole step (every micro-batch, every process) are
         divided by that count, times the accumulation steps and processes that the Trainer and DDP
         divide by again; others (positions of no counted kind, e.g. image patches) use their local
         mean, as a classification loss does.
         """
-        totals = torch.stack([total for _, total, _ in sums])
-        factors, shared = [], {}  # sites of one kind of position (or one count) share their factor
-        for site, _, count in sums:
-            step_count = step.positions.get(site.mask_key) if site.mask_key else None
-            key = ("step", site.mask_key) if step_count is not None else ("local", id(count))
-            if key not in shared:
-                if step_count is None:
-                    shared[key] = 1.0 / count.to(totals.dtype).clamp_min(1)
-                else:
-                    shared[key] = (step.accumulation_steps * step.processes) / step_count.to(totals.dtype).clamp_min(1)
-            factors.append(shared[key])
-        return totals * torch.stack(factors)
+        shares = []
+        for sites, totals, count in groups:  # the sites of a group share their kind of position and count
+            step_count = step.positions.get(sites[0].mask_key) if sites[0].mask_key else None
+            if step_count is None:
+                shares.append(totals / count.to(totals.dtype).clamp_min(1))
+            else:
+                shares.append(totals * ((step.accumulation_steps * step.processes) / step_count.to(totals.dtype).clamp_min(1)))
+        return torch.cat(shares) if len(shares) > 1 else shares[0]
 
     def describe(self):
         kinds = sorted({s.kind for s in self.sites})

@@ -599,3 +599,18 @@ def test_resume_flag_as_the_command_line_gives_it(tmp_path, caplog):
         fresh.train()
     messages = [r.getMessage() for r in caplog.records if "holds checkpoints" in r.getMessage()]
     assert len(messages) == 1 and "--resume_from_checkpoint last" in messages[0]
+
+
+def test_a_penalty_that_overflows_is_an_error_naming_its_sites(tmp_path):
+    """An inf weight in layer 1 makes that site's penalty (and every site after it) non-finite: the logging step
+    raises, naming the sites from the step's own per-site values (not the penalty's name alone), and layer 0,
+    which stayed finite, is not blamed."""
+    model = tiny_bert()
+    args = make_args(tmp_path, **sgd(per_device_train_batch_size=4, max_steps=1), dreg_lambda=1.0)
+    trainer = DREGTrainer(model=model, args=args, train_dataset=padded_dataset(LENGTHS_8[:4]))
+    with torch.no_grad():  # after the sites were found (their check of the layers computes with the weights)
+        model.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="not finite") as raised:
+        trainer.train()
+    said = str(raised.value)
+    assert "layer.1.intermediate" in said and "layer.0." not in said

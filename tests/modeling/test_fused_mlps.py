@@ -208,3 +208,26 @@ def test_sites_that_stop_running_after_dreg_attached_are_reported(tmp_path, capl
         trainer.train()
     said = [r.getMessage() for r in caplog.records if "computed nothing" in r.getMessage()]
     assert len(said) == 1 and "model.layers.0.mlp.act_fn" in said[0] and "1 of 2" in said[0]
+
+
+def test_a_training_forward_in_which_no_site_ran_is_an_error(tmp_path):
+    """Every MLP patched after DREG attached (their activations computed inside the MLP): no site has a value, so
+    the penalty would be an empty mean; the step fails saying why and what to do, instead of torch's own error."""
+    from datasets import Dataset
+    from trainer_helpers import make_args, sgd
+    from transformers import TrainerCallback
+
+    from hf_dreg import DREGTrainer
+
+    class PatchAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for layer in model.model.layers:
+                layer.mlp.forward = types.MethodType(
+                    lambda self, x: self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)), layer.mlp
+                )
+
+    data = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 4)
+    args = make_args(tmp_path, **sgd(per_device_train_batch_size=4, max_steps=1), dreg_lambda=1.0)
+    trainer = DREGTrainer(model=_gemma2().train(), args=args, train_dataset=data, callbacks=[PatchAtStart()])
+    with pytest.raises(RuntimeError, match="No DREG site computed a value.*before building the trainer"):
+        trainer.train()
