@@ -429,25 +429,26 @@ class DREGHandle:
         (docs/usage.md, "Your own training loop"). Sites whose positions no mask describes (image patches)
         keep their local mean.
         """
-        sums = self.site_sums(attention_mask)
-        if not sums:
+        groups = self.site_groups(attention_mask)
+        if not groups:
             raise RuntimeError(
                 "No DREG value recorded: call the model (forward) after attach() and before penalty(), "
                 "and check that the attached sites run in that forward."
             )
-        if num_positions is None:
-            values = [s / n.clamp_min(1) for _, s, n in sums]
-        else:
-            values = [s / count for (_, s, _), count in zip(sums, self._step_counts(sums, num_positions))]
-        self._last = {site.name: v.detach() for (site, _, _), v in zip(sums, values)}
-        total = torch.stack(values).mean()
+        shares = [totals / divisor for (_, totals, _), divisor in zip(groups, self._divisors(groups, num_positions))]
+        values = torch.cat(shares) if len(shares) > 1 else shares[0]
+        self._last = dict(zip((site.name for sites, _, _ in groups for site in sites), values.detach().unbind(0)))
+        total = values.mean()
         check_finite(total, self._last)
         return total
 
     @staticmethod
-    def _step_counts(sums, num_positions) -> list[Tensor]:
-        """The divisor of every site under ``num_positions`` (see :meth:`penalty`)."""
-        kinds = {site.mask_key for site, _, _ in sums if site.mask_key}
+    def _divisors(groups, num_positions) -> list[Tensor]:
+        """The divisor of every group of :meth:`site_groups` (its sites share their kind of position) under
+        ``num_positions`` (see :meth:`penalty`): the local count where it is None or has no count of that kind."""
+        if num_positions is None:
+            return [local.clamp_min(1) for _, _, local in groups]
+        kinds = {sites[0].mask_key for sites, _, _ in groups if sites[0].mask_key}
         if not isinstance(num_positions, dict):
             if len(kinds) > 1:
                 raise ValueError(
@@ -455,21 +456,22 @@ class DREGHandle:
                     "pass the dict hf_dreg.count_positions(batches) returns."
                 )
             num_positions = {kind: num_positions for kind in kinds}
-        counts = []
-        for site, total, local in sums:
-            if site.mask_key is None or site.mask_key not in num_positions:
-                if site.mask_key in kinds and site.mask_key not in num_positions:
+        divisors = []
+        for sites, totals, local in groups:
+            key = sites[0].mask_key
+            if key is None or key not in num_positions:
+                if key in kinds and key not in num_positions:
                     raise ValueError(
-                        f"num_positions has no count of {site.mask_key!r} positions (it has {sorted(num_positions)}), "
-                        f"which site {site.name!r} needs: count them with hf_dreg.count_positions(batches)."
+                        f"num_positions has no count of {key!r} positions (it has {sorted(num_positions)}), "
+                        f"which site {sites[0].name!r} needs: count them with hf_dreg.count_positions(batches)."
                     )
-                counts.append(local.clamp_min(1))
+                divisors.append(local.clamp_min(1))
                 continue
-            value = num_positions[site.mask_key]
+            value = num_positions[key]
             if not isinstance(value, Tensor) and value < 1:  # a number is checked; a tensor is not read back (no device sync)
-                raise ValueError(f"num_positions[{site.mask_key!r}] must be >= 1 (the step's valid positions), got {value}.")
-            counts.append(torch.as_tensor(value, dtype=total.dtype, device=total.device).clamp_min(1))
-        return counts
+                raise ValueError(f"num_positions[{key!r}] must be >= 1 (the step's valid positions), got {value}.")
+            divisors.append(torch.as_tensor(value, dtype=totals.dtype, device=totals.device).clamp_min(1))
+        return divisors
 
     def per_site(self) -> dict[str, float]:
         """Site name -> DREG value of the last forward's ``penalty()`` (computed now if it was not called).
@@ -478,7 +480,7 @@ class DREGHandle:
         """
         if not self._last:
             self.penalty()
-        return {name: float(v) for name, v in self._last.items()}
+        return {site.name: float(self._last[site.name]) for site in self.sites if site.name in self._last}
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as it was before attach()."""

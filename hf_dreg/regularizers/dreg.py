@@ -42,9 +42,12 @@ class DREG(Regularizer):
             raise RuntimeError("DREG is not attached: the trainer attaches it for train(), evaluate() and predict().")
         loss, outputs = task_loss(model, inputs)
         training = model.training and torch.is_grad_enabled()
-        groups = self.handle.site_groups(masks=step.masks) if training else None
-        sums = None if training else self.handle.site_sums(masks=step.masks)
-        names = [site.name for sites, _, _ in groups for site in sites] if training else [site.name for site, _, _ in sums]
+        if training:
+            groups = self.handle.site_groups(masks=step.masks)
+            names = [site.name for sites, _, _ in groups for site in sites]
+        else:
+            sums = self.handle.site_sums(masks=step.masks)
+            names = [site.name for site, _, _ in sums]
         if len(names) < len(self.sites) and not self._warned_missing and model.training:
             self._warned_missing = True
             missing = sorted({site.name for site in self.sites} - set(names))
